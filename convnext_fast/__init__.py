@@ -1,0 +1,15 @@
+"""convnext_fast: ConvNeXt (V1/V2) with its hot path on fused kernels.
+
+    import convnext_fast
+    model = convnext_fast.convnext_tiny(pretrained="convnext_tiny.safetensors")
+
+See README.md; ``python -m convnext_fast info`` shows which backend runs each op and why.
+"""
+from . import backends, ops, reference
+from .backends import BackendError, use_backend
+from .models import *  # noqa: F401,F403  (variant constructors, create_model, from_timm, ...)
+from .models import __all__ as _model_names
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "ops", "reference", "BackendError", "use_backend", *_model_names]

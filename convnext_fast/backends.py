@@ -1,0 +1,157 @@
+"""Backend registry and selection for the fused ops.
+
+Each op (``dwconv_ln``, ``mlp``, ``mlp_grn``) has implementations registered here by backend name
+(``torch``, ``cpu``, ``cuda``, ``triton``). Selection, highest first:
+
+1. an explicit ``backend=`` argument to the op,
+2. the innermost :func:`use_backend` context,
+3. the ``CONVNEXT_FAST_BACKEND`` environment variable,
+4. automatic: the first backend in :data:`AUTO_ORDER` for the tensors' device that is available
+   and supports the call.
+
+An explicit choice (1-3) that cannot run raises :class:`BackendError` listing every reason.
+Automatic selection never raises while ``torch`` can run; the backend it picked and the ones it
+skipped (with reasons) are recorded and shown by ``python -m convnext_fast info``.
+
+Every decision reads only static facts (device, dtype, shape, requires_grad), so torch.compile
+traces the choice away and sees no graph break.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "BACKENDS", "AUTO_ORDER", "BackendError", "register", "select", "use_backend",
+    "requested_backend", "available", "describe", "last_selections",
+]
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+ENV_VAR = "CONVNEXT_FAST_BACKEND"
+
+# Preference per device type when nothing is requested. `torch` last: it always runs.
+# TODO(issue 8): replace the fixed order by a table of measured winners per op, dtype and shape.
+AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
+    "cpu": ("cpu", "torch"),
+    "cuda": ("cuda", "triton", "torch"),
+}
+
+Reason = Optional[str]  # None means "fine", a string says why not
+
+
+class BackendError(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+@dataclass(frozen=True)
+class OpImpl:
+    fn: Callable
+    available: Callable[[], Reason]  # static: is the backend built/installed at all
+    supports: Callable[..., Reason]  # per call: takes the op's arguments
+
+
+_REGISTRY: Dict[str, Dict[str, OpImpl]] = {}
+_CONTEXT: List[str] = []
+_LAST: Dict[str, Tuple[str, Tuple[Tuple[str, str], ...]]] = {}
+
+
+def _always() -> Reason:
+    return None
+
+
+def _any_call(*args, **kwargs) -> Reason:
+    return None
+
+
+def register(op: str, backend: str, fn: Callable, available: Callable[[], Reason] = _always,
+             supports: Callable[..., Reason] = _any_call) -> None:
+    """Register ``fn`` as ``op`` on ``backend``; ``available``/``supports`` return None or a reason."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _REGISTRY.setdefault(op, {})[backend] = OpImpl(fn, available, supports)
+
+
+def _normalize(name: Optional[str], source: str) -> Optional[str]:
+    if name is None:
+        return None
+    name = name.strip().lower()
+    if name in ("", "auto"):
+        return None
+    if name not in BACKENDS:
+        raise BackendError(f"{source}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+    return name
+
+
+def requested_backend(explicit: Optional[str] = None) -> Tuple[Optional[str], str]:
+    """The backend asked for (None = automatic) and where the request came from."""
+    if explicit is not None:
+        return _normalize(explicit, "backend argument"), "backend argument"
+    if _CONTEXT:
+        return _normalize(_CONTEXT[-1], "use_backend()"), "use_backend()"
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _normalize(env, ENV_VAR), ENV_VAR
+    return None, "automatic"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on backend ``name`` (or ``'auto'``)."""
+    _normalize(name, "use_backend()")
+    _CONTEXT.append(name)
+    try:
+        yield
+    finally:
+        _CONTEXT.pop()
+
+
+def _why_not(op: str, backend: str, args, kwargs) -> Reason:
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        return f"no {backend} implementation of {op}"
+    reason = impl.available()
+    if reason is None:
+        reason = impl.supports(*args, **kwargs)
+    return reason
+
+
+def select(op: str, device: torch.device, backend: Optional[str], args, kwargs) -> Tuple[str, Callable]:
+    """Pick the implementation of ``op`` for this call; see the module docstring for the order."""
+    name, source = requested_backend(backend)
+    if name is not None:
+        reason = _why_not(op, name, args, kwargs)
+        if reason is not None:
+            raise BackendError(f"{op}: backend {name!r} (from {source}) cannot run this call: {reason}")
+        return name, _REGISTRY[op][name].fn
+    skipped = []
+    for candidate in AUTO_ORDER.get(device.type, ("torch",)):
+        reason = _why_not(op, candidate, args, kwargs)
+        if reason is None:
+            if not torch.compiler.is_compiling():
+                _LAST[op] = (candidate, tuple(skipped))
+            return candidate, _REGISTRY[op][candidate].fn
+        skipped.append((candidate, reason))
+    lines = "; ".join(f"{b}: {r}" for b, r in skipped)
+    raise BackendError(f"{op}: no backend can run this call on {device.type} ({lines})")
+
+
+def available(op: str, backend: str) -> Reason:
+    """None if ``backend`` is built and usable for ``op`` in general, else why not."""
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        return f"no {backend} implementation of {op}"
+    return impl.available()
+
+
+def describe() -> List[Tuple[str, str, Reason]]:
+    """Rows (op, backend, None or reason) for every registered op and every backend."""
+    return [(op, b, available(op, b)) for op in sorted(_REGISTRY) for b in BACKENDS]
+
+
+def last_selections() -> Dict[str, Tuple[str, Tuple[Tuple[str, str], ...]]]:
+    """op -> (backend picked automatically last time, ((skipped backend, reason), ...))."""
+    return dict(_LAST)

@@ -1,0 +1,73 @@
+"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> list:
+    return list(t.shape)
+
+
+def check_tensor(op: str, name: str, t, shape: Sequence[Optional[int]], ref: torch.Tensor,
+                 optional: bool = False) -> None:
+    """``t`` must be a tensor of ``shape`` (None = any size) on ``ref``'s device with its dtype."""
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{op}: {name} must be a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{op}: {name} must have shape {want}, got {_shape(t)}")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the input is on {ref.device}; "
+                         "move all tensors to one device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype} but the input has {ref.dtype}; "
+                        "all tensors of one call must share a dtype")
+
+
+def check_input(op: str, name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: {name} must be 4-D [N, C, H, W], got shape {_shape(x)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+
+
+def check_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias) -> None:
+    op = "dwconv_ln"
+    check_input(op, "x", x)
+    C = x.shape[1]
+    check_tensor(op, "conv_weight", conv_weight, (C, 1, None, None), x)
+    k = conv_weight.shape[-1]
+    if conv_weight.shape[-2] != k or k % 2 == 0:
+        raise ValueError(f"{op}: conv_weight must be [C, 1, k, k] with odd k ('same' padding), "
+                         f"got {_shape(conv_weight)}")
+    check_tensor(op, "conv_bias", conv_bias, (C,), x, optional=True)
+    check_tensor(op, "ln_weight", ln_weight, (C,), x)
+    check_tensor(op, "ln_bias", ln_bias, (C,), x)
+
+
+def check_mlp(op: str, y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual) -> None:
+    check_input(op, "y", y)
+    C = y.shape[1]
+    check_tensor(op, "fc1_weight", fc1_weight, (None, C), y)
+    D = fc1_weight.shape[0]
+    check_tensor(op, "fc1_bias", fc1_bias, (D,), y, optional=True)
+    check_tensor(op, "fc2_weight", fc2_weight, (C, D), y)
+    check_tensor(op, "fc2_bias", fc2_bias, (C,), y, optional=True)
+    check_tensor(op, "residual", residual, tuple(y.shape), y, optional=True)
+
+
+def channels_last(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """NHWC memory for a 4-D tensor; a no-op (no copy) when it already is."""
+    if t is None:
+        return None
+    return t.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,88 @@
+"""``dwconv_ln``: depthwise kxk conv + bias fused with the channels-last LayerNorm.
+
+Backends: ``torch`` (reference composite) and ``cpu`` (C++ kernel ``convnext_fast::dwconv_ln`` from
+``csrc/cpu/dwconv_ln_cpu.cpp``; its backward is the fp32 composite
+:func:`convnext_fast.reference.dwconv_ln_bwd` until a compiled backward lands).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _ext, backends, reference
+from ._checks import channels_last, check_dwconv_ln
+
+__all__ = ["dwconv_ln"]
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def dwconv_ln(
+    x: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: Optional[torch.Tensor],
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """y = LayerNorm_C(dwconv_kxk(x) + conv_bias), 'same' padding, stride 1.
+
+    x: [N, C, H, W] (NCHW-contiguous input is converted to channels-last once, here);
+    conv_weight: [C, 1, k, k], odd k; conv_bias: [C] or None; ln_weight, ln_bias: [C], all with
+    x's dtype and device. Returns y: [N, C, H, W], channels-last, x's dtype. LayerNorm statistics
+    are fp32 on every backend.
+    """
+    check_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias)
+    x = channels_last(x)
+    args = (x, conv_weight, conv_bias, ln_weight, ln_bias, float(eps))
+    _, fn = backends.select("dwconv_ln", x.device, backend, args, {})
+    return fn(*args)
+
+
+def _cpu_available() -> Optional[str]:
+    return _ext.error()
+
+
+def _cpu_supports(x, conv_weight, conv_bias, ln_weight, ln_bias, eps) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"the C++ CPU kernel needs CPU tensors, got {x.device.type}"
+    if x.dtype not in _CPU_DTYPES:
+        return f"dtype {x.dtype} is not supported by the C++ CPU kernel"
+    return None
+
+
+def _cpu_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
+    return torch.ops.convnext_fast.dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps)[0]
+
+
+def _register_cpp_op() -> None:
+    """Fake (meta) and autograd formulas for the C++ op; the schema lives in csrc/ops.cpp."""
+
+    @torch.library.register_fake("convnext_fast::dwconv_ln")
+    def _(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
+        N, _, H, W = x.shape
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        stats = x.new_empty((N, H, W), dtype=torch.float32)
+        return y, stats, torch.empty_like(stats)
+
+    def setup_context(ctx, inputs, output):
+        x, conv_weight, conv_bias, ln_weight, _, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, conv_weight, conv_bias, ln_weight, mean, rstd)
+
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, conv_weight, conv_bias, ln_weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db, dlw, dlb = reference.dwconv_ln_bwd(grad_y, x, conv_weight, conv_bias, ln_weight,
+                                                       mean, rstd)
+        return dx, dw, db, dlw, dlb, None
+
+    torch.library.register_autograd("convnext_fast::dwconv_ln", backward, setup_context=setup_context)
+
+
+backends.register("dwconv_ln", "torch", reference.dwconv_ln)
+backends.register("dwconv_ln", "cpu", _cpu_dwconv_ln, _cpu_available, _cpu_supports)
+if _ext.load() is not None:
+    _register_cpp_op()
