@@ -1,0 +1,254 @@
+// dwconv_ln forward on the CPU: depthwise kxk conv ('same' padding, stride 1) + bias, then
+// LayerNorm over C, for channels_last (NHWC) tensors.
+//
+// Work is split over output rows (n, h) with at::parallel_for. For one output row, the k input
+// rows it needs are first widened to fp32 into a zero-padded [k, W + 2p, C] scratch buffer, so the
+// k*k tap loop has no bounds checks and reads every element as fp32 whatever the input dtype; the
+// copy costs k loads per input element against k*k FMAs. The conv output of one pixel ([C] fp32)
+// stays in a scratch vector and is normalised right away: the conv result never touches memory.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <functional>
+#include <cmath>
+#include <vector>
+
+#include "../include/checks.h"
+
+namespace convnext_fast {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+// Reduced-precision rows are widened to fp32 once (at::vec::convert is vectorized for them).
+template <typename scalar_t>
+inline void widen(const scalar_t* src, float* dst, int64_t n) {
+  at::vec::convert(src, dst, n);
+}
+
+template <typename scalar_t>
+inline void narrow(const float* src, scalar_t* dst, int64_t n) {
+  at::vec::convert(src, dst, n);
+}
+
+inline float vec_sum(const float* a, int64_t C) {
+  Vec s(0.f);
+  int64_t c = 0;
+  for (; c + Vec::size() <= C; c += Vec::size()) s = s + Vec::loadu(a + c);
+  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), s);
+  for (; c < C; ++c) total += a[c];
+  return total;
+}
+
+// In place: a[c] -= mu; returns sum of squares of the centered values.
+inline float center_and_sumsq(float* a, float mu, int64_t C) {
+  const Vec m(mu);
+  Vec s(0.f);
+  int64_t c = 0;
+  for (; c + Vec::size() <= C; c += Vec::size()) {
+    const Vec d = Vec::loadu(a + c) - m;
+    d.store(a + c);
+    s = at::vec::fmadd(d, d, s);
+  }
+  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), s);
+  for (; c < C; ++c) {
+    a[c] -= mu;
+    total += a[c] * a[c];
+  }
+  return total;
+}
+
+// In place: a[c] = a[c] * rstd * w[c] + b[c].
+inline void scale_shift(float* a, float rstd, const float* w, const float* b, int64_t C) {
+  const Vec r(rstd);
+  int64_t c = 0;
+  for (; c + Vec::size() <= C; c += Vec::size()) {
+    at::vec::fmadd(Vec::loadu(a + c) * r, Vec::loadu(w + c), Vec::loadu(b + c)).store(a + c);
+  }
+  for (; c < C; ++c) a[c] = a[c] * rstd * w[c] + b[c];
+}
+
+// acc[0:C] = bias + sum over the k*k taps of rows[tap] * w_taps[tap], with a block of NV vectors
+// of acc held in registers across all taps (one load/store of acc per block, not per tap).
+template <int NV>
+inline int64_t conv_block(float* acc, const float* rows, int64_t row_stride, const float* w_taps,
+                          const float* bias, int64_t c0, int64_t C, int64_t k, int64_t kh_lo,
+                          int64_t kh_hi) {
+  constexpr int64_t kStep = NV * Vec::size();
+  for (; c0 + kStep <= C; c0 += kStep) {
+    Vec a[NV];
+    for (int i = 0; i < NV; ++i) {
+      a[i] = bias != nullptr ? Vec::loadu(bias + c0 + i * Vec::size()) : Vec(0.f);
+    }
+    for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+      const float* row = rows + kh * row_stride + c0;
+      const float* wt = w_taps + kh * k * C + c0;
+      for (int64_t kw = 0; kw < k; ++kw) {
+        for (int i = 0; i < NV; ++i) {
+          a[i] = at::vec::fmadd(Vec::loadu(row + kw * C + i * Vec::size()),
+                                Vec::loadu(wt + kw * C + i * Vec::size()), a[i]);
+        }
+      }
+    }
+    for (int i = 0; i < NV; ++i) a[i].store(acc + c0 + i * Vec::size());
+  }
+  return c0;
+}
+
+template <typename scalar_t>
+void dwconv_ln_cpu_kernel(const scalar_t* x, const float* w_taps, const float* conv_bias,
+                          const float* ln_w, const float* ln_b, scalar_t* y, float* mean_out,
+                          float* rstd_out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t k,
+                          double eps) {
+  const int64_t p = k / 2;
+  const int64_t Wp = W + 2 * p;
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows(k * Wp * C, 0.f);
+    std::vector<float> acc(C);
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const int64_t n = nh / H, h = nh % H;
+      for (const auto kh : c10::irange(k)) {
+        const int64_t ih = h + kh - p;
+        float* dst = rows.data() + kh * Wp * C;
+        if (ih < 0 || ih >= H) {
+          std::fill(dst, dst + Wp * C, 0.f);
+        } else {
+          // Padding columns stay zero from the allocation; only the interior is rewritten.
+          widen(x + ((n * H + ih) * W) * C, dst + p * C, W * C);
+        }
+      }
+      for (const auto w : c10::irange(W)) {
+        // Rows outside the image contribute nothing: restrict kh instead of testing every tap.
+        const int64_t kh_lo = std::max<int64_t>(0, p - h);
+        const int64_t kh_hi = std::min<int64_t>(k, H + p - h);
+        const float* base = rows.data() + w * C;
+        int64_t c = conv_block<4>(acc.data(), base, Wp * C, w_taps, conv_bias, 0, C, k, kh_lo, kh_hi);
+        c = conv_block<1>(acc.data(), base, Wp * C, w_taps, conv_bias, c, C, k, kh_lo, kh_hi);
+        for (; c < C; ++c) {
+          float a = conv_bias != nullptr ? conv_bias[c] : 0.f;
+          for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+            for (int64_t kw = 0; kw < k; ++kw) {
+              a += base[kh * Wp * C + kw * C + c] * w_taps[(kh * k + kw) * C + c];
+            }
+          }
+          acc[c] = a;
+        }
+        // Two-pass statistics over the cached row: exact for large means, unlike E[x^2]-E[x]^2.
+        const float muf = vec_sum(acc.data(), C) / C;
+        const float var = center_and_sumsq(acc.data(), muf, C) / C;
+        const float rstdf = 1.f / std::sqrt(var + static_cast<float>(eps));
+        scale_shift(acc.data(), rstdf, ln_w, ln_b, C);
+        narrow(acc.data(), y + (nh * W + w) * C, C);
+        mean_out[nh * W + w] = muf;
+        rstd_out[nh * W + w] = rstdf;
+      }
+    }
+  });
+}
+
+// fp64 keeps its own precision end to end (for gradcheck); everything else computes in fp32.
+template <typename scalar_t>
+void dwconv_ln_cpu_fp64(const scalar_t* x, const scalar_t* w, const scalar_t* b, const scalar_t* lw,
+                        const scalar_t* lb, scalar_t* y, float* mean_out, float* rstd_out,
+                        int64_t N, int64_t C, int64_t H, int64_t W, int64_t k, double eps) {
+  const int64_t p = k / 2;
+  at::parallel_for(0, N * H * W, 16, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc(C);
+    for (int64_t pix = begin; pix < end; ++pix) {
+      const int64_t n = pix / (H * W), h = (pix / W) % H, wi = pix % W;
+      for (const auto c : c10::irange(C)) acc[c] = b != nullptr ? b[c] : 0.0;
+      for (const auto kh : c10::irange(k)) {
+        const int64_t ih = h + kh - p;
+        if (ih < 0 || ih >= H) continue;
+        for (const auto kw : c10::irange(k)) {
+          const int64_t iw = wi + kw - p;
+          if (iw < 0 || iw >= W) continue;
+          const scalar_t* row = x + ((n * H + ih) * W + iw) * C;
+          for (const auto c : c10::irange(C)) acc[c] += row[c] * w[(c * k + kh) * k + kw];
+        }
+      }
+      double mu = 0, sq = 0;
+      for (const auto c : c10::irange(C)) mu += acc[c];
+      mu /= C;
+      for (const auto c : c10::irange(C)) sq += (acc[c] - mu) * (acc[c] - mu);
+      const double rstd = 1 / std::sqrt(sq / C + eps);
+      for (const auto c : c10::irange(C)) y[pix * C + c] = (acc[c] - mu) * rstd * lw[c] + lb[c];
+      mean_out[pix] = static_cast<float>(mu);
+      rstd_out[pix] = static_cast<float>(rstd);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_cpu(
+    const at::Tensor& x, const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
+    const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
+  constexpr const char* op = "dwconv_ln";
+  CNF_CHECK_NHWC("dwconv_ln", "x", x);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(0) == C && conv_weight.size(1) == 1 &&
+                  conv_weight.size(2) == conv_weight.size(3) && conv_weight.size(2) % 2 == 1,
+              op, ": conv_weight must have shape [C, 1, k, k] = [", C,
+              ", 1, k, k] with odd k, got ", conv_weight.sizes());
+  CNF_CHECK_SAME("dwconv_ln", "conv_weight", conv_weight, x);
+  if (conv_bias.has_value()) {
+    CNF_CHECK_VEC("dwconv_ln", "conv_bias", (*conv_bias), x, C);
+  }
+  CNF_CHECK_VEC("dwconv_ln", "ln_weight", ln_weight, x, C);
+  CNF_CHECK_VEC("dwconv_ln", "ln_bias", ln_bias, x, C);
+  const int64_t k = conv_weight.size(2);
+
+  auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  auto stat_opts = x.options().dtype(at::kFloat);
+  auto mean = at::empty({N, H, W}, stat_opts);
+  auto rstd = at::empty({N, H, W}, stat_opts);
+  if (x.numel() == 0) return {y, mean, rstd};
+
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  if (x.scalar_type() == at::kDouble) {
+    auto wc = conv_weight.contiguous();
+    auto bc = conv_bias.has_value() ? conv_bias->contiguous() : at::Tensor();
+    auto lwc = ln_weight.contiguous(), lbc = ln_bias.contiguous();
+    dwconv_ln_cpu_fp64<double>(xc.data_ptr<double>(), wc.data_ptr<double>(),
+                               bc.defined() ? bc.data_ptr<double>() : nullptr,
+                               lwc.data_ptr<double>(), lbc.data_ptr<double>(), y.data_ptr<double>(),
+                               mean.data_ptr<float>(), rstd.data_ptr<float>(), N, C, H, W, k, eps);
+    return {y, mean, rstd};
+  }
+  // Taps as [k*k, C] fp32 so the inner loop reads one contiguous weight row per tap.
+  const at::Tensor w_taps = conv_weight.reshape({C, k * k}).t().to(at::kFloat).contiguous();
+  const at::Tensor b32 =
+      conv_bias.has_value() ? conv_bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor lw32 = ln_weight.to(at::kFloat).contiguous();
+  const at::Tensor lb32 = ln_bias.to(at::kFloat).contiguous();
+  auto launch = [&](auto* x_ptr, auto* y_ptr) {
+    dwconv_ln_cpu_kernel(x_ptr, w_taps.data_ptr<float>(),
+                         b32.defined() ? b32.data_ptr<float>() : nullptr, lw32.data_ptr<float>(),
+                         lb32.data_ptr<float>(), y_ptr, mean.data_ptr<float>(),
+                         rstd.data_ptr<float>(), N, C, H, W, k, eps);
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      launch(xc.data_ptr<float>(), y.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      launch(xc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
+      break;
+    case at::kHalf:
+      launch(xc.data_ptr<at::Half>(), y.data_ptr<at::Half>());
+      break;
+    default:
+      TORCH_CHECK(false, op, ": x must be float32, bfloat16, float16 or float64, got ",
+                  x.scalar_type());
+  }
+  return {y, mean, rstd};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(convnext_fast, CPU, m) { m.impl("dwconv_ln", &dwconv_ln_cpu); }
+
+}  // namespace convnext_fast

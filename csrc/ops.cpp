@@ -1,0 +1,55 @@
+// All op schemas of the convnext_fast library, in one place. Kernels register under
+// TORCH_LIBRARY_IMPL(convnext_fast, CPU|CUDA) in csrc/cpu and csrc/cuda; fake tensors and
+// autograd are registered from Python (convnext_fast/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+TORCH_LIBRARY(convnext_fast, m) {
+  // y = LayerNorm_C(dwconv_kxk(x) + conv_bias); also returns the per-pixel fp32 mean and rstd
+  // ([N, H, W]) that the backward reuses. x and y are channels_last [N, C, H, W].
+  m.def(
+      "dwconv_ln(Tensor x, Tensor conv_weight, Tensor? conv_bias, Tensor ln_weight, "
+      "Tensor ln_bias, float eps) -> (Tensor, Tensor, Tensor)");
+}
+
+#ifndef CONVNEXT_FAST_ARCH_LIST
+#define CONVNEXT_FAST_ARCH_LIST ""
+#endif
+#ifndef CONVNEXT_FAST_TORCH_VERSION
+#define CONVNEXT_FAST_TORCH_VERSION ""
+#endif
+#ifndef CONVNEXT_FAST_CPU_FLAGS
+#define CONVNEXT_FAST_CPU_FLAGS ""
+#endif
+
+// build_info() is what `python -m convnext_fast info` prints about the build.
+static PyObject* build_info(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+#ifdef CONVNEXT_FAST_WITH_CUDA
+  PyObject* with_cuda = Py_True;
+#else
+  PyObject* with_cuda = Py_False;
+#endif
+  PyDict_SetItemString(d, "with_cuda", with_cuda);
+  PyObject* arch = PyUnicode_FromString(CONVNEXT_FAST_ARCH_LIST);
+  PyDict_SetItemString(d, "cuda_arch_list", arch);
+  Py_DECREF(arch);
+  PyObject* cpu = PyUnicode_FromString(CONVNEXT_FAST_CPU_FLAGS);
+  PyDict_SetItemString(d, "cpu_flags", cpu);
+  Py_DECREF(cpu);
+  PyObject* torch_version = PyUnicode_FromString(CONVNEXT_FAST_TORCH_VERSION);
+  PyDict_SetItemString(d, "torch_version", torch_version);
+  Py_DECREF(torch_version);
+  return d;
+}
+
+static PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "Facts recorded when the extension was built."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+// Importing convnext_fast._C loads this library, which runs the registrations above.
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
