@@ -20,3 +20,18 @@
   TORCH_CHECK((t).is_contiguous(at::MemoryFormat::ChannelsLast), op ": " name                     \
               " must be channels_last-contiguous (NHWC memory); call "                           \
               ".contiguous(memory_format=torch.channels_last)")
+
+#include <cstdlib>
+#include <cstring>
+
+namespace convnext_fast {
+// CONVNEXT_FAST_POISON_OUTPUTS=1 (set by the test suite) fills every output with NaN before a
+// kernel writes it, so an element the kernel fails to write cannot pass a parity test.
+inline bool poison_outputs() {
+  static const bool on = [] {
+    const char* v = std::getenv("CONVNEXT_FAST_POISON_OUTPUTS");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+}  // namespace convnext_fast

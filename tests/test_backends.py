@@ -1,0 +1,70 @@
+"""Backend selection: explicit argument > use_backend() > CONVNEXT_FAST_BACKEND > automatic."""
+import pytest
+import torch
+
+from convnext_fast import BackendError, backends, ops, use_backend
+
+
+def args(C=8):
+    return (torch.randn(1, C, 4, 4), torch.randn(C, 1, 3, 3), torch.randn(C), torch.randn(C),
+            torch.randn(C))
+
+
+def picked(monkeypatch, **kw):
+    seen = []
+    impl = backends._REGISTRY["dwconv_ln"]["torch"]
+    monkeypatch.setitem(backends._REGISTRY["dwconv_ln"], "torch",
+                        backends.OpImpl(lambda *a: seen.append("torch") or impl.fn(*a),
+                                        impl.available, impl.supports))
+    ops.dwconv_ln(*args(), **kw)
+    return seen
+
+
+def test_precedence(monkeypatch):
+    monkeypatch.setenv("CONVNEXT_FAST_BACKEND", "torch")
+    assert picked(monkeypatch) == ["torch"]
+    with use_backend("auto"):
+        assert backends.requested_backend() == (None, "use_backend()")
+    with use_backend("torch"):
+        assert backends.requested_backend("auto") == (None, "backend argument")
+        assert backends.requested_backend() == ("torch", "use_backend()")
+    assert backends.requested_backend() == ("torch", "CONVNEXT_FAST_BACKEND")
+    monkeypatch.delenv("CONVNEXT_FAST_BACKEND")
+    assert backends.requested_backend() == (None, "automatic")
+
+
+def test_explicit_backend_that_cannot_run_raises_with_reasons():
+    with pytest.raises(BackendError, match=r"dwconv_ln: backend 'cuda' \(from backend argument\) cannot run"):
+        ops.dwconv_ln(*args(), backend="cuda")
+    with use_backend("triton"), pytest.raises(BackendError, match=r"from use_backend\(\)"):
+        ops.mlp(torch.randn(1, 4, 2, 2), torch.randn(8, 4), None, torch.randn(4, 8), None)
+
+
+def test_unknown_backend_names():
+    with pytest.raises(BackendError, match="unknown backend 'fast'"):
+        ops.dwconv_ln(*args(), backend="fast")
+    with pytest.raises(BackendError, match="unknown backend"):
+        with use_backend("nope"):
+            pass
+
+
+def test_env_var_unknown(monkeypatch):
+    monkeypatch.setenv("CONVNEXT_FAST_BACKEND", "gpu")
+    with pytest.raises(BackendError, match="CONVNEXT_FAST_BACKEND: unknown backend 'gpu'"):
+        ops.dwconv_ln(*args())
+
+
+def test_automatic_records_what_it_skipped(monkeypatch):
+    monkeypatch.setitem(backends._REGISTRY["dwconv_ln"], "cpu", backends.OpImpl(
+        lambda *a: None, lambda: "pretend the extension is missing", lambda *a: None))
+    ops.dwconv_ln(*args())
+    name, skipped = backends.last_selections()["dwconv_ln"]
+    assert name == "torch"
+    assert ("cpu", "pretend the extension is missing") in skipped
+
+
+def test_describe_lists_every_op_and_backend():
+    rows = backends.describe()
+    assert {(op, b) for op, b, _ in rows} == {
+        (op, b) for op in ("dwconv_ln", "mlp", "mlp_grn") for b in backends.BACKENDS}
+    assert all(reason is None for op, b, reason in rows if b == "torch")
