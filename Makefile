@@ -1,0 +1,34 @@
+# One-command set-up on a fresh machine: each target installs what it needs first.
+#   make test        install, build the extension in place, run the test suite (+ benchmark smoke)
+#   make bench       install, build, benchmark ConvNeXt-T: convnext_fast vs timm eager vs torch.compile
+#   make gpu-check   on a GPU machine (no network): build in place, whole suite on the GPU, benchmarks,
+#                    logs + JSON to benchmarks/results/ and to $$OUT when set
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The CPU-only torch 2.13 on this machine kind breaks timm's torchvision import: pin the pair.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+DEPS := timm safetensors rich ninja pytest pytest-benchmark hypothesis matplotlib
+export MAX_JOBS ?= 2
+BENCH_ARGS ?=
+
+.PHONY: install deps build test bench gpu-check clean
+
+deps:
+	$(PIP) install -q $(TORCH_PIN) $(DEPS)
+
+build:
+	$(PIP) install -q -e . --no-build-isolation --no-deps
+
+install: deps build
+
+test: install
+	$(PYTHON) -m pytest tests benchmarks -q
+
+bench: install
+	$(PYTHON) -m convnext_fast bench $(BENCH_ARGS)
+
+gpu-check: build
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info convnext_fast/_C*.so .benchmarks
