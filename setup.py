@@ -23,12 +23,31 @@ def _find_cuda_home():
     for env in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(env):
             return os.environ[env]
-    nvcc = shutil.which("nvcc")
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")  # may be a wrapper script outside the toolkit: check the prefix
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for prefix in candidates:
+        if os.path.exists(os.path.join(prefix, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(prefix, "include", "cuda_runtime.h")):
+            return prefix
     return None
+
+
+def _pip_cuda_includes(cuda_home):
+    """Headers of the pip-installed CUDA libraries (nvidia/*/include) that a toolkit-only
+    CUDA_HOME lacks: ATen's CUDA headers include cusparse.h, cublas_v2.h, ..."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    if os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    dirs = []
+    for root in spec.submodule_search_locations:
+        dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
+    return dirs
 
 
 def _cpu_flags():
@@ -79,6 +98,7 @@ def _extensions():
         ext = CUDAExtension(
             "convnext_fast._C",
             sources + cuda_sources,
+            include_dirs=_pip_cuda_includes(cuda_home),
             define_macros=macros,
             extra_compile_args={
                 "cxx": cxx,

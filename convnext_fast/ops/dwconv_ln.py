@@ -1,8 +1,9 @@
 """``dwconv_ln``: depthwise kxk conv + bias fused with the channels-last LayerNorm.
 
-Backends: ``torch`` (reference composite) and ``cpu`` (C++ kernel ``convnext_fast::dwconv_ln`` from
-``csrc/cpu/dwconv_ln_cpu.cpp``; its backward is the fp32 composite
-:func:`convnext_fast.reference.dwconv_ln_bwd` until a compiled backward lands).
+Backends: ``torch`` (reference composite), and ``cpu`` / ``cuda``: the extension's op
+``convnext_fast::dwconv_ln`` (``csrc/cpu/dwconv_ln_cpu.cpp``, ``csrc/cuda/dwconv_ln_cuda.cu``), whose
+backward is for now the fp32 composite :func:`convnext_fast.reference.dwconv_ln_bwd` from the saved
+statistics (a compiled backward replaces it in a later change).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ._checks import channels_last, check_dwconv_ln
 __all__ = ["dwconv_ln"]
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_CUDA_MAX_C = 12288  # the fp32 conv row of one pixel must fit in 48 KiB of shared memory
 
 
 def dwconv_ln(
@@ -54,7 +56,26 @@ def _cpu_supports(x, conv_weight, conv_bias, ln_weight, ln_bias, eps) -> Optiona
     return None
 
 
-def _cpu_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
+def _cuda_available() -> Optional[str]:
+    if _ext.error():
+        return _ext.error()
+    if not _ext.has_cuda_kernels():
+        return "convnext_fast._C was built without CUDA kernels"
+    return None
+
+
+def _cuda_supports(x, conv_weight, conv_bias, ln_weight, ln_bias, eps) -> Optional[str]:
+    N, C, H, _ = x.shape
+    if x.device.type != "cuda":
+        return f"the CUDA kernel needs CUDA tensors, got {x.device.type}"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {x.dtype} is not supported by the CUDA kernel"
+    if C > _CUDA_MAX_C or N > 65535 or H > 65535:
+        return f"shape {list(x.shape)} is outside the CUDA kernel's limits (C <= {_CUDA_MAX_C}, N, H <= 65535)"
+    return None
+
+
+def _ext_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
     return torch.ops.convnext_fast.dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps)[0]
 
 
@@ -83,6 +104,7 @@ def _register_cpp_op() -> None:
 
 
 backends.register("dwconv_ln", "torch", reference.dwconv_ln)
-backends.register("dwconv_ln", "cpu", _cpu_dwconv_ln, _cpu_available, _cpu_supports)
+backends.register("dwconv_ln", "cpu", _ext_dwconv_ln, _cpu_available, _cpu_supports)
+backends.register("dwconv_ln", "cuda", _ext_dwconv_ln, _cuda_available, _cuda_supports)
 if _ext.load() is not None:
     _register_cpp_op()
