@@ -95,7 +95,7 @@ def _bench(args) -> int:
     with console.status("benchmarking") as status:
         for batch in args.batch:
             results += bench_model(args.model, device, args.dtype, batch, args.resolution,
-                                   args.warmup, args.iters, providers,
+                                   args.warmup, args.iters, providers, args.compile_mode,
                                    progress=lambda msg: status.update(msg))
     env = environment(device)
     table = Table(title=f"{args.model} inference, {args.dtype}, {args.resolution}px, channels_last - "
@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--iters", type=int, default=5)
     b.add_argument("--no-compile", action="store_true", help="skip torch.compile of timm")
+    b.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for timm (default: max-autotune on GPU, default on CPU)")
     b.add_argument("--json", default=None, help="write results and environment to this file")
     b.add_argument("--max-err", type=float, default=None,
                    help="parity bound on max |logit diff| / max |logit| (default: 1e-4 fp32, 5e-2 bf16/fp16)")

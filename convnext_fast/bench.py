@@ -38,6 +38,7 @@ def environment(device: str) -> Dict[str, object]:
         "device": device, "python": platform.python_version(), "torch": torch.__version__,
         "commit": _git_commit(), "cpu_threads": torch.get_num_threads(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
     }
     for mod in ("triton", "timm"):
         try:
