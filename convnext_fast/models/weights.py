@@ -1,0 +1,414 @@
+"""Checkpoint loading: local files only, three naming schemes, strict loading with clear errors.
+
+Formats (detected from the keys, after unwrapping ``{'model': sd}``-style containers):
+
+- ``timm``: our own names (``stem.0.weight``, ``stages.0.blocks.0.conv_dw.weight``, ``head.fc.*``).
+- ``official``: facebookresearch ConvNeXt / ConvNeXt-V2 (``downsample_layers.*``,
+  ``stages.i.j.{dwconv,norm,pwconv1,pwconv2,gamma,grn.gamma,grn.beta}``, ``norm.*``, ``head.*``).
+- ``hf``: Hugging Face ``ConvNextForImageClassification`` / ``ConvNextV2ForImageClassification``
+  (``convnext.`` / ``convnextv2.`` prefix, ``embeddings.*``, ``encoder.stages.i.*``, ``layernorm``,
+  ``classifier``) and the bare ``ConvNextModel`` / ``ConvNextV2Model`` (no prefix, no classifier).
+
+Tensors whose shapes differ from the model's only by size-1 dims are reshaped (Linear [D, C] vs
+1x1 conv [D, C, 1, 1]; GRN [1, 1, 1, D] vs [D]). Files: ``.pth``/``.pt``/``.bin``/``.ckpt``
+(``torch.load(weights_only=True)`` on CPU) and ``.safetensors``; a directory is searched for
+``model.safetensors`` / ``pytorch_model.bin``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .convnext import ConvNeXt, ConvNeXtFeatures
+
+__all__ = [
+    "CheckpointError", "read_checkpoint", "unwrap_state_dict", "detect_format", "convert_state_dict",
+    "load_state_dict_strict", "load_pretrained", "from_timm",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+StateDict = Dict[str, torch.Tensor]
+
+_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module")
+_DIR_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read, or its tensors do not match the model."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+def _resolve(path: PathLike) -> str:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in _DIR_FILES:
+            candidate = os.path.join(path, name)
+            if os.path.isfile(candidate):
+                return candidate
+        raise CheckpointError(f"no checkpoint in directory {path!r} (looked for {', '.join(_DIR_FILES)})")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path!r} (pretrained= must be a local path; "
+                              "convnext_fast never downloads)")
+    return path
+
+
+def _is_safetensors(path: str) -> bool:
+    if path.endswith(".safetensors"):
+        return True
+    if path.endswith((".pth", ".pt", ".bin", ".ckpt", ".tar")):
+        return False
+    with open(path, "rb") as f:  # sniff: torch files are zip ('PK') or pickle (0x80)
+        head = f.read(9)
+    return len(head) == 9 and head[:2] != b"PK" and head[0] != 0x80 and head[8:9] == b"{"
+
+
+def read_checkpoint(path: PathLike) -> StateDict:
+    """Load a local checkpoint file (or HF-style directory) to a flat ``{name: tensor}`` on CPU."""
+    path = _resolve(path)
+    try:
+        if _is_safetensors(path):
+            from safetensors.torch import load_file
+            obj = load_file(path, device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from e
+    return unwrap_state_dict(obj, where=path)
+
+
+def unwrap_state_dict(obj, where: str = "checkpoint") -> StateDict:
+    """The state dict inside ``{'model': sd}`` / ``'state_dict'`` / ``'model_ema'`` wrappers, without
+    a DistributedDataParallel ``module.`` prefix."""
+    for _ in range(3):
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        if isinstance(obj, Mapping):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if inner is not None:
+                obj = inner
+                continue
+        break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{where}: expected a state dict (a mapping of names to tensors), "
+                              f"got {type(obj).__name__}")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f"{where}: no tensors found (top-level keys: {list(obj)[:8]})")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+# --------------------------------------------------------------------------------------------
+# Format detection and renaming
+# --------------------------------------------------------------------------------------------
+
+_HF_STEM = "embeddings.patch_embeddings.weight"
+
+
+def _hf_prefix(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
+    for k in sd:
+        if k.endswith(_HF_STEM):
+            return k[: -len(_HF_STEM)]
+    return None
+
+
+def detect_format(sd: Mapping[str, torch.Tensor]) -> str:
+    """'timm', 'timm_features', 'official' or 'hf' from the key names; CheckpointError if none fits."""
+    if "stem.0.weight" in sd or "head.norm.weight" in sd or any(
+            k.startswith("stages.") and ".blocks." in k for k in sd):
+        return "timm"
+    if "stem_0.weight" in sd or any(re.match(r"stages_\d+\.blocks\.", k) for k in sd):
+        return "timm_features"
+    if "downsample_layers.0.0.weight" in sd or any(k.startswith("downsample_layers.") for k in sd):
+        return "official"
+    if _hf_prefix(sd) is not None:
+        return "hf"
+    raise CheckpointError("unrecognised checkpoint format: expected timm ('stem.0.weight'), official "
+                          "facebookresearch ('downsample_layers.0.0.weight') or Hugging Face "
+                          f"('convnext.embeddings.patch_embeddings.weight') names; first keys: {list(sd)[:5]}")
+
+
+_OFFICIAL_BLOCK = {"dwconv": "conv_dw", "norm": "norm", "pwconv1": "mlp.fc1", "pwconv2": "mlp.fc2",
+                   "gamma": "gamma", "grn.gamma": "mlp.grn.weight", "grn.beta": "mlp.grn.bias"}
+_HF_BLOCK = {"dwconv": "conv_dw", "layernorm": "norm", "pwconv1": "mlp.fc1", "pwconv2": "mlp.fc2",
+             "layer_scale_parameter": "gamma", "grn.weight": "mlp.grn.weight", "grn.bias": "mlp.grn.bias"}
+_PARAM_RE = r"(?P<mod>.+)\.(?P<p>weight|bias)$"
+
+
+def _block_key(i: str, j: str, rest: str, table: Mapping[str, str]) -> Optional[str]:
+    if rest in table:  # a bare parameter (gamma / layer_scale_parameter)
+        return f"stages.{i}.blocks.{j}.{table[rest]}"
+    m = re.fullmatch(_PARAM_RE, rest)
+    if m and m["mod"] in table:
+        return f"stages.{i}.blocks.{j}.{table[m['mod']]}.{m['p']}"
+    return None
+
+
+def _official_key(k: str) -> str:
+    m = re.fullmatch(r"downsample_layers\.0\.(\d+)\.(.+)", k)
+    if m:
+        return f"stem.{m[1]}.{m[2]}"
+    m = re.fullmatch(r"downsample_layers\.(\d+)\.(\d+)\.(.+)", k)
+    if m:
+        return f"stages.{m[1]}.downsample.{m[2]}.{m[3]}"
+    m = re.fullmatch(r"stages\.(\d+)\.(\d+)\.(.+)", k)
+    if m:
+        return _block_key(m[1], m[2], m[3], _OFFICIAL_BLOCK) or k
+    if k.startswith("norm."):
+        return "head.norm." + k[len("norm."):]
+    if k.startswith("head.") and not k.startswith(("head.fc.", "head.norm.")):
+        return "head.fc." + k[len("head."):]
+    return k
+
+
+def _hf_key(k: str, prefix: str) -> str:
+    if k.startswith("classifier."):
+        return "head.fc." + k[len("classifier."):]
+    if not k.startswith(prefix):
+        return k
+    rest = k[len(prefix):]
+    if rest.startswith("embeddings.patch_embeddings."):
+        return "stem.0." + rest[len("embeddings.patch_embeddings."):]
+    if rest.startswith("embeddings.layernorm."):
+        return "stem.1." + rest[len("embeddings.layernorm."):]
+    m = re.fullmatch(r"encoder\.stages\.(\d+)\.downsampling_layer\.(\d+)\.(.+)", rest)
+    if m:
+        return f"stages.{m[1]}.downsample.{m[2]}.{m[3]}"
+    m = re.fullmatch(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(.+)", rest)
+    if m:
+        return _block_key(m[1], m[2], m[3], _HF_BLOCK) or k
+    if rest.startswith("layernorm."):
+        return "head.norm." + rest[len("layernorm."):]
+    return k
+
+
+def _squeezed(shape) -> Tuple[int, ...]:
+    return tuple(s for s in shape if s != 1)
+
+
+def _timm_shapes(model: nn.Module) -> Dict[str, torch.Size]:
+    """Parameter shapes of ``model`` under timm's full-model names."""
+    sd = model.state_dict()
+    if isinstance(model, ConvNeXtFeatures):
+        out = {}
+        for k, v in sd.items():
+            k = re.sub(r"^stem_(\d+)\.", r"stem.\1.", k)
+            k = re.sub(r"^stages_(\d+)\.", r"stages.\1.", k)
+            out[k] = v.shape
+        return out
+    return {k: v.shape for k, v in sd.items()}
+
+
+def convert_state_dict(sd: Mapping, model: Optional[nn.Module] = None) -> StateDict:
+    """Any supported checkpoint (possibly wrapped) -> a state dict with timm's ConvNeXt names.
+
+    With ``model``, tensors that differ from the model's shapes only by size-1 dims are reshaped
+    to them (Linear vs 1x1 conv MLP weights, ``[1, 1, 1, D]`` GRN parameters). Without it, GRN
+    parameters are flattened to ``[D]`` and other shapes are kept.
+    """
+    sd = unwrap_state_dict(sd)
+    fmt = detect_format(sd)
+    if fmt == "official":
+        out = {_official_key(k): v for k, v in sd.items()}
+    elif fmt == "hf":
+        prefix = _hf_prefix(sd)
+        out = {_hf_key(k, prefix): v for k, v in sd.items()}
+    elif fmt == "timm_features":  # timm features_only=True (FeatureListNet) names
+        out = {re.sub(r"^(stem|stages)_(\d+)\.", r"\1.\2.", k): v for k, v in sd.items()}
+    else:
+        out = dict(sd)
+    shapes = _timm_shapes(model) if model is not None else {}
+    for k, v in out.items():
+        want = shapes.get(k)
+        if want is not None:
+            if v.shape != want and _squeezed(v.shape) == _squeezed(want) and v.numel() == want.numel():
+                out[k] = v.reshape(want)
+        elif ".mlp.grn." in k and v.dim() > 1:
+            out[k] = v.reshape(-1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def _more(items: List[str]) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def _to_model_names(sd: StateDict, model: nn.Module) -> StateDict:
+    """timm full-model names -> ``model``'s names; drops what the model has no place for by design
+    (the classifier of a ``num_classes=0`` model; head and later stages of a features model)."""
+    if isinstance(model, ConvNeXtFeatures):
+        out = {}
+        n = model._num_stages
+        for k, v in sd.items():
+            m = re.match(r"^stem\.(\d+)\.(.+)", k)
+            if m:
+                out[f"stem_{m[1]}.{m[2]}"] = v
+                continue
+            m = re.match(r"^stages\.(\d+)\.(.+)", k)
+            if m and int(m[1]) < n:
+                out[f"stages_{m[1]}.{m[2]}"] = v
+            elif m is None and not k.startswith(("head.", "norm_pre.")):
+                out[k] = v  # unexpected: reported
+        return out
+    if isinstance(model, ConvNeXt) and isinstance(model.head.fc, nn.Identity):
+        return {k: v for k, v in sd.items() if not k.startswith("head.fc.")}
+    return dict(sd)
+
+
+def _check_match(sd: StateDict, model: nn.Module, where: str) -> None:
+    target = model.state_dict()
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    mismatched = [k for k in target if k in sd and sd[k].shape != target[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    problems = []
+    if missing:
+        problems.append(f"missing key {missing[0]!r}{_more(missing)}")
+    if unexpected:
+        problems.append(f"unexpected key {unexpected[0]!r}{_more(unexpected)}")
+    if mismatched:
+        k = mismatched[0]
+        problems.append(f"shape mismatch for {k!r}: checkpoint {list(sd[k].shape)} vs model "
+                        f"{list(target[k].shape)}{_more(mismatched)}")
+        if "head.fc.weight" in mismatched and isinstance(model, ConvNeXt):
+            n = sd["head.fc.weight"].shape[0]
+            problems.append(f"the checkpoint has {n} classes, the model {model.num_classes}: "
+                            f"build it with num_classes={n} (or num_classes=0)")
+    raise CheckpointError(f"{where} does not match {type(model).__name__}: " + "; ".join(problems))
+
+
+def load_state_dict_strict(model: nn.Module, sd: Mapping, where: str = "state dict") -> nn.Module:
+    """Convert ``sd`` (any supported format) and load it into ``model`` with strict=True semantics;
+    a mismatch raises :class:`CheckpointError` naming the first missing/unexpected/mis-shaped key."""
+    sd = unwrap_state_dict(sd, where=where)
+    fmt = detect_format(sd)
+    converted = _to_model_names(convert_state_dict(sd, model), model)
+    _check_match(converted, model, f"{where} ({fmt} format)")
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+def load_pretrained(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load a local checkpoint (timm, official or Hugging Face names; .pth/.pt/.bin/.safetensors)
+    into ``model`` (a :class:`ConvNeXt` or :class:`ConvNeXtFeatures`) strictly. Returns ``model``.
+
+    A ``num_classes=0`` model ignores the checkpoint's classifier; a features model ignores the head
+    and the stages after its last output. Anything else that does not match raises
+    :class:`CheckpointError`.
+    """
+    sd = read_checkpoint(path)
+    return load_state_dict_strict(model, sd, where=f"checkpoint {os.fspath(path)!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# timm -> convnext_fast
+# --------------------------------------------------------------------------------------------
+
+def _cls(m) -> str:
+    return type(m).__name__
+
+
+def from_timm(timm_model: nn.Module) -> ConvNeXt:
+    """A :class:`ConvNeXt` with ``timm_model``'s configuration and weights (same device, dtype,
+    train/eval mode and requires_grad flags). Reads the configuration from the live modules;
+    raises NotImplementedError for timm options this package does not implement."""
+    for attr in ("stem", "stages", "head", "norm_pre"):
+        if not hasattr(timm_model, attr):
+            raise TypeError(f"from_timm expects a timm ConvNeXt (no {attr!r} attribute on {_cls(timm_model)})")
+    stem, stages, head = timm_model.stem, timm_model.stages, timm_model.head
+
+    def unsupported(what: str):
+        raise NotImplementedError(f"from_timm: {what} is not supported by convnext_fast")
+
+    if len(stem) != 2 or not isinstance(stem[0], nn.Conv2d) or stem[0].kernel_size != stem[0].stride:
+        unsupported("a stem other than 'patch' (conv k=s + norm)")
+    if not isinstance(timm_model.norm_pre, nn.Identity):
+        unsupported("head_norm_first=True")
+    if len(stages) != 4:
+        unsupported(f"{len(stages)} stages (pruned model)")
+    if _cls(head) != "NormMlpClassifierHead":
+        unsupported(f"head {_cls(head)}")
+
+    depths, dims, kernel_sizes = [], [], []
+    block0 = None
+    for i, stage in enumerate(stages):
+        ds = stage.downsample
+        if i > 0 or not isinstance(ds, nn.Identity):
+            if not (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[1], nn.Conv2d)
+                    and ds[1].stride == (2, 2) and ds[1].kernel_size == (2, 2) and ds[1].dilation == (1, 1)):
+                unsupported(f"stage {i} downsample (output_stride != 32 or dilation)")
+        blocks = list(stage.blocks)
+        depths.append(len(blocks))
+        if blocks:
+            b = blocks[0]
+            block0 = block0 or b
+            dims.append(b.conv_dw.out_channels)
+            kernel_sizes.append(b.conv_dw.kernel_size[0])
+        else:
+            dims.append(ds[1].out_channels if i > 0 else stem[0].out_channels)
+            kernel_sizes.append(7)
+        for b in blocks:
+            if b.conv_dw.stride != (1, 1) or b.conv_dw.dilation != (1, 1):
+                unsupported("strided or dilated blocks")
+            act = b.mlp.act
+            if _cls(act) != "GELU" or getattr(act, "approximate", "none") != "none":
+                unsupported(f"activation {_cls(act)} (only exact GELU)")
+    if block0 is None:
+        unsupported("a model without blocks")
+    norms = [stem[1], head.norm] + [s.downsample[0] for s in stages if not isinstance(s.downsample, nn.Identity)]
+    norms += [b.norm for s in stages for b in s.blocks]
+    for n in norms:
+        if _cls(n) not in ("LayerNorm", "LayerNorm2d", "Identity"):
+            unsupported(f"norm layer {_cls(n)} (only LayerNorm)")
+
+    dps = [b.drop_path.drop_prob for s in stages for b in s.blocks if _cls(b.drop_path) == "DropPath"]
+    p = next(timm_model.parameters())
+    num_classes = getattr(timm_model, "num_classes", 0)
+    model = ConvNeXt(
+        in_chans=stem[0].in_channels,
+        num_classes=num_classes,
+        global_pool=head.global_pool.pool_type,
+        depths=tuple(depths),
+        dims=tuple(dims),
+        kernel_sizes=tuple(kernel_sizes),
+        ls_init_value=1.0 if block0.gamma is not None else None,
+        patch_size=stem[0].kernel_size[0],
+        head_hidden_size=getattr(head, "hidden_size", None),
+        conv_mlp=isinstance(block0.mlp.fc1, nn.Conv2d),
+        conv_bias=stem[0].bias is not None,
+        use_grn=hasattr(block0.mlp, "grn"),
+        norm_eps=stem[1].eps,
+        drop_rate=getattr(timm_model, "drop_rate", 0.0),
+        drop_path_rate=max(dps) if dps else 0.0,
+        device=p.device,
+        dtype=p.dtype,
+    )
+    if isinstance(head.norm, nn.Identity):
+        model.head.reset(num_classes, head.global_pool.pool_type, reset_other=True)
+    # exact eps / drop probabilities of every module (they need not be uniform in timm)
+    ours = dict(model.named_modules())
+    for name, m in timm_model.named_modules():
+        o = ours.get(name)
+        if o is None:
+            continue
+        if hasattr(m, "eps") and hasattr(o, "eps"):
+            o.eps = m.eps
+        if hasattr(m, "drop_prob") and hasattr(o, "drop_prob"):
+            o.drop_prob = m.drop_prob
+    load_state_dict_strict(model, timm_model.state_dict(), where="timm model")
+    for (_, po), (_, pt) in zip(model.named_parameters(), timm_model.named_parameters()):
+        po.requires_grad_(pt.requires_grad)
+    model.train(timm_model.training)
+    return model
