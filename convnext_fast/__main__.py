@@ -101,7 +101,7 @@ def _bench(args) -> int:
     table = Table(title=f"{args.model} inference, {args.dtype}, {args.resolution}px, channels_last - "
                         f"{env.get('gpu') or env.get('cpu')} ({device}), torch {env['torch']}")
     for col in ("provider", "batch", "ms", "img/s", "vs eager", "vs compile", "max err vs timm"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in results:
         table.add_row(r.provider, str(r.batch), f"{r.ms:.2f}", f"{r.img_per_s:.1f}",

@@ -17,7 +17,8 @@ from ._checks import channels_last, check_dwconv_ln
 __all__ = ["dwconv_ln"]
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_CUDA_MAX_C = 12288  # the fp32 conv row of one pixel must fit in 48 KiB of shared memory
+_CUDA_MAX_C = 4096  # 8 pixels x C fp32 conv outputs must fit in one block's shared memory
+_CUDA_KERNEL_SIZES = (3, 5, 7)
 
 
 def dwconv_ln(
@@ -72,6 +73,8 @@ def _cuda_supports(x, conv_weight, conv_bias, ln_weight, ln_bias, eps) -> Option
         return f"dtype {x.dtype} is not supported by the CUDA kernel"
     if C > _CUDA_MAX_C or N > 65535 or H > 65535:
         return f"shape {list(x.shape)} is outside the CUDA kernel's limits (C <= {_CUDA_MAX_C}, N, H <= 65535)"
+    if conv_weight.shape[-1] not in _CUDA_KERNEL_SIZES:
+        return f"the CUDA kernel supports k in {_CUDA_KERNEL_SIZES}, got {conv_weight.shape[-1]}"
     return None
 
 

@@ -1,15 +1,17 @@
 // dwconv_ln forward on CUDA: depthwise kxk conv ('same' padding, stride 1) + bias, then LayerNorm
 // over C, for channels_last (NHWC) tensors.
 //
-// A block owns TILE_W consecutive pixels of one image row and all C channels:
-//   1. conv: threads walk (pixel, channel) with channel fastest, so every tap's loads are
-//      contiguous along C (coalesced); results go to shared memory as fp32 [TILE_W, C];
-//   2. statistics: one warp per pixel, two passes over the shared row (mean, then centered
-//      variance) with shuffle reductions, fp32;
-//   3. normalise and store, again channel-fastest for coalesced stores.
-// TILE_W shrinks as C grows so the fp32 tile fits in 48 KiB of shared memory (C up to 12288).
-// This is the straightforward first version; the shared-memory halo tile and vector loads are
-// the next step (issue 5).
+// A block owns kTileW consecutive pixels of one image row and all C channels.
+//   1. conv: a thread owns a channel (threads are consecutive along C, so every load and store is
+//      coalesced) and slides along the row: for each kernel row it loads the kTileW + k - 1 inputs
+//      of that channel once and feeds all k taps from registers, ~k(1 + (k-1)/kTileW) loads per
+//      output instead of k^2. Taps are pre-transposed to [k*k, C] so weight loads coalesce too.
+//      Results go to shared memory as fp32 [kTileW, C].
+//   2. statistics: one warp per pixel, two passes over the shared row (mean, then the centered
+//      variance: no cancellation for large means) with shuffle reductions, fp32.
+//   3. normalise, scale and shift, store (coalesced along C).
+// Shared memory is kTileW * C * 4 bytes (24 KiB at C = 768, 96 KiB at C = 3072: opted in above
+// the default 48 KiB).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
@@ -22,9 +24,11 @@
 namespace convnext_fast {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int64_t kSmemFloats = 48 * 1024 / sizeof(float);
+constexpr int kTileW = 8;
+constexpr int kMaxThreads = 512;
+// kTileW fp32 rows of C channels in shared memory: 96 KiB at C = 3072 (opt-in; sm_80 allows 163
+// KiB per block, sm_90 227 KiB).
+constexpr int64_t kMaxC = 4096;
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -32,62 +36,117 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    dwconv_ln_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(kMaxThreads)
+    dwconv_ln_fwd_kernel(const scalar_t* __restrict__ x, const float* __restrict__ w_taps,
                          const scalar_t* __restrict__ bias, const scalar_t* __restrict__ ln_w,
                          const scalar_t* __restrict__ ln_b, scalar_t* __restrict__ y,
-                         float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t H,
-                         int64_t W, int64_t C, int k, int tile_w, float eps) {
-  extern __shared__ float tile[];  // [tile_w, C]
-  const int64_t n = blockIdx.z, h = blockIdx.y, w0 = int64_t(blockIdx.x) * tile_w;
-  const int p = k / 2;
-  const int64_t pixels = W - w0 < tile_w ? W - w0 : tile_w;
+                         float* __restrict__ mean_out, float* __restrict__ rstd_out, int H, int W,
+                         int C, float eps) {
+  extern __shared__ float tile[];  // [kTileW, C]
+  constexpr int P = K / 2;
+  const int w0 = blockIdx.x * kTileW, h = blockIdx.y;
+  const int64_t n = blockIdx.z;
+  const int pixels = min(kTileW, W - w0);
+  const int64_t row_stride = int64_t(W) * C;
+  const scalar_t* x_img = x + n * H * row_stride;
 
-  for (int64_t i = threadIdx.x; i < pixels * C; i += kThreads) {
-    const int64_t q = i / C, c = i % C, wq = w0 + q;
-    float acc = bias != nullptr ? static_cast<float>(bias[c]) : 0.f;
-    for (int kh = 0; kh < k; ++kh) {
-      const int64_t ih = h + kh - p;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float acc[kTileW];
+    const float b = bias != nullptr ? static_cast<float>(bias[c]) : 0.f;
+#pragma unroll
+    for (int q = 0; q < kTileW; ++q) acc[q] = b;
+#pragma unroll
+    for (int kh = 0; kh < K; ++kh) {
+      const int ih = h + kh - P;
       if (ih < 0 || ih >= H) continue;
-      const scalar_t* row = x + ((n * H + ih) * W) * C + c;
-      for (int kw = 0; kw < k; ++kw) {
-        const int64_t iw = wq + kw - p;
-        if (iw < 0 || iw >= W) continue;
-        acc += static_cast<float>(row[iw * C]) * static_cast<float>(w[(c * k + kh) * k + kw]);
+      const scalar_t* row = x_img + ih * row_stride + c;
+      float wk[K];
+#pragma unroll
+      for (int kw = 0; kw < K; ++kw) wk[kw] = w_taps[(kh * K + kw) * C + c];
+#pragma unroll
+      for (int j = 0; j < kTileW + K - 1; ++j) {
+        const int iw = w0 + j - P;
+        const float v = (iw >= 0 && iw < W) ? static_cast<float>(row[int64_t(iw) * C]) : 0.f;
+#pragma unroll
+        for (int kw = 0; kw < K; ++kw) {
+          const int q = j - kw;  // output pixel fed by input column j through tap kw
+          if (q >= 0 && q < kTileW) acc[q] = fmaf(v, wk[kw], acc[q]);
+        }
       }
     }
-    tile[q * C + c] = acc;
+#pragma unroll
+    for (int q = 0; q < kTileW; ++q) {
+      if (q < pixels) tile[q * C + c] = acc[q];
+    }
   }
   __syncthreads();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t q = warp; q < pixels; q += kWarps) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int64_t pix0 = (n * H + h) * W + w0;
+  for (int q = warp; q < pixels; q += warps) {
     float* v = tile + q * C;
     float s = 0.f;
-    for (int64_t c = lane; c < C; c += 32) s += v[c];
+    for (int c = lane; c < C; c += 32) s += v[c];
     const float mu = warp_sum(s) / C;
     float sq = 0.f;
-    for (int64_t c = lane; c < C; c += 32) {
+    for (int c = lane; c < C; c += 32) {
       const float d = v[c] - mu;
       sq += d * d;
     }
     const float rstd = rsqrtf(warp_sum(sq) / C + eps);
-    // Every lane has read v before any lane overwrites it: the shuffles above synchronise the warp.
-    for (int64_t c = lane; c < C; c += 32) v[c] = (v[c] - mu) * rstd;
+    // Each lane rewrites only the elements it read itself, so no barrier is needed here.
+    for (int c = lane; c < C; c += 32) v[c] = (v[c] - mu) * rstd;
     if (lane == 0) {
-      const int64_t pix = (n * H + h) * W + w0 + q;
-      mean_out[pix] = mu;
-      rstd_out[pix] = rstd;
+      mean_out[pix0 + q] = mu;
+      rstd_out[pix0 + q] = rstd;
     }
   }
   __syncthreads();
 
-  scalar_t* out = y + ((n * H + h) * W + w0) * C;
-  for (int64_t i = threadIdx.x; i < pixels * C; i += kThreads) {
-    const int64_t c = i % C;
-    out[i] = static_cast<scalar_t>(tile[i] * static_cast<float>(ln_w[c]) +
-                                   static_cast<float>(ln_b[c]));
+  scalar_t* out = y + pix0 * C;
+  for (int q = 0; q < pixels; ++q) {
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      out[int64_t(q) * C + c] = static_cast<scalar_t>(
+          fmaf(tile[q * C + c], static_cast<float>(ln_w[c]), static_cast<float>(ln_b[c])));
+    }
+  }
+}
+
+template <typename scalar_t, int K>
+void launch(const at::Tensor& x, const at::Tensor& w_taps, const at::Tensor& b,
+            const at::Tensor& lw, const at::Tensor& lb, at::Tensor& y, at::Tensor& mean,
+            at::Tensor& rstd, float eps) {
+  const int N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int threads = std::min(kMaxThreads, std::max(64, (C + 31) / 32 * 32));
+  const size_t smem = size_t(kTileW) * C * sizeof(float);
+  auto kernel = dwconv_ln_fwd_kernel<scalar_t, K>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  const dim3 grid((W + kTileW - 1) / kTileW, H, N);
+  kernel<<<grid, threads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      x.data_ptr<scalar_t>(), w_taps.data_ptr<float>(),
+      b.defined() ? b.data_ptr<scalar_t>() : nullptr, lw.data_ptr<scalar_t>(),
+      lb.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<float>(),
+      rstd.data_ptr<float>(), H, W, C, eps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_k(int k, const at::Tensor& x, const at::Tensor& w_taps, const at::Tensor& b,
+              const at::Tensor& lw, const at::Tensor& lb, at::Tensor& y, at::Tensor& mean,
+              at::Tensor& rstd, float eps) {
+  switch (k) {
+    case 3:
+      return launch<scalar_t, 3>(x, w_taps, b, lw, lb, y, mean, rstd, eps);
+    case 5:
+      return launch<scalar_t, 5>(x, w_taps, b, lw, lb, y, mean, rstd, eps);
+    case 7:
+      return launch<scalar_t, 7>(x, w_taps, b, lw, lb, y, mean, rstd, eps);
+    default:
+      TORCH_CHECK(false, "dwconv_ln: the CUDA kernel supports k in {3, 5, 7}, got ", k);
   }
 }
 
@@ -107,11 +166,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_cuda(
   }
   CNF_CHECK_VEC("dwconv_ln", "ln_weight", ln_weight, x, C);
   CNF_CHECK_VEC("dwconv_ln", "ln_bias", ln_bias, x, C);
-  TORCH_CHECK(C <= kSmemFloats, op, ": C = ", C, " exceeds the CUDA kernel's limit of ",
-              kSmemFloats, " channels");
-  TORCH_CHECK(H <= 65535, op, ": H = ", H, " exceeds the CUDA grid limit of 65535 rows");
-  TORCH_CHECK(N <= 65535, op, ": N = ", N, " exceeds the CUDA grid limit of 65535 images");
   const int k = static_cast<int>(conv_weight.size(2));
+  TORCH_CHECK(k == 3 || k == 5 || k == 7, op, ": the CUDA kernel supports k in {3, 5, 7}, got ", k);
+  TORCH_CHECK(C <= kMaxC, op, ": C = ", C, " exceeds the CUDA kernel's limit of ", kMaxC);
+  TORCH_CHECK(N <= 65535 && H <= 65535, op, ": N = ", N, " and H = ", H,
+              " must be <= 65535 (CUDA grid limits)");
+  TORCH_CHECK(W * C <= INT32_MAX && H * W <= INT32_MAX, op, ": one image row or plane is too large");
 
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
@@ -125,33 +185,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_cuda(
   }
   if (x.numel() == 0) return {y, mean, rstd};
 
-  const auto w = conv_weight.contiguous();
+  const auto w_taps = conv_weight.reshape({C, k * k}).t().to(at::kFloat).contiguous();
   const auto b = conv_bias.has_value() ? conv_bias->contiguous() : at::Tensor();
   const auto lw = ln_weight.contiguous(), lb = ln_bias.contiguous();
-  const int tile_w = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(32, kSmemFloats / C)));
-  const dim3 grid(static_cast<unsigned>((W + tile_w - 1) / tile_w), static_cast<unsigned>(H),
-                  static_cast<unsigned>(N));
-  const size_t smem = size_t(tile_w) * C * sizeof(float);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  auto launch = [&](auto* x_ptr) {
-    using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(x_ptr)>>;
-    dwconv_ln_fwd_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(
-        x_ptr, w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-        lw.data_ptr<scalar_t>(), lb.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-        mean.data_ptr<float>(), rstd.data_ptr<float>(), H, W, C, k, tile_w,
-        static_cast<float>(eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
+  const float e = static_cast<float>(eps);
   // fp64 is left to the reference backend: this kernel accumulates in fp32.
   switch (x.scalar_type()) {
     case at::kFloat:
-      launch(x.data_ptr<float>());
+      launch_k<float>(k, x, w_taps, b, lw, lb, y, mean, rstd, e);
       break;
     case at::kHalf:
-      launch(x.data_ptr<at::Half>());
+      launch_k<at::Half>(k, x, w_taps, b, lw, lb, y, mean, rstd, e);
       break;
     case at::kBFloat16:
-      launch(x.data_ptr<at::BFloat16>());
+      launch_k<at::BFloat16>(k, x, w_taps, b, lw, lb, y, mean, rstd, e);
       break;
     default:
       TORCH_CHECK(false, op, ": the CUDA kernel takes float32, float16 or bfloat16, got ",
