@@ -93,6 +93,9 @@ def _extensions():
     # at::parallel_for is inline: without -fopenmp here the kernels would run on one thread.
     # The C++ standard is left to torch.utils.cpp_extension (C++20 from torch 2.10 on).
     cxx = ["-O3", "-fopenmp", *cpu_flags]
+    # Some toolchains link libstdc++ statically (seen with the GPU machine's /opt/gcc g++): keep its
+    # symbols private, or they interpose on the process's libstdc++ and std::ostream crashes.
+    link = ["-fopenmp", "-Wl,--exclude-libs,ALL"]
     if with_cuda:
         macros.append(("CONVNEXT_FAST_WITH_CUDA", None))
         ext = CUDAExtension(
@@ -105,11 +108,11 @@ def _extensions():
                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                          "--expt-relaxed-constexpr"],
             },
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     else:
         ext = CppExtension("convnext_fast._C", sources, define_macros=macros,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
