@@ -3,10 +3,16 @@ import os
 # Every compiled kernel fills its outputs with NaN first, so an unwritten element fails parity.
 os.environ.setdefault("CONVNEXT_FAST_POISON_OUTPUTS", "1")
 
+import torch  # noqa: E402  (importing torch does not import triton)
+
+# Without a GPU the Triton kernels run on the interpreter. It must be on before anything (timm
+# included) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -111,3 +111,5 @@ backends.register("dwconv_ln", "cpu", _ext_dwconv_ln, _cpu_available, _cpu_suppo
 backends.register("dwconv_ln", "cuda", _ext_dwconv_ln, _cuda_available, _cuda_supports)
 if _ext.load() is not None:
     _register_cpp_op()
+
+from . import _triton_dwconv_ln  # noqa: E402,F401  (registers the triton backend)
