@@ -33,29 +33,44 @@ __all__ = [
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 ENV_VAR = "CONVNEXT_FAST_BACKEND"
 
-# Preference per device type when nothing is requested. `torch` last: it always runs.
+# Preference per device type when nothing is requested. `torch` last: it always runs. Triton
+# is chosen automatically only where MEASURED_ORDER shows it winning.
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cpu": ("cpu", "torch"),
-    "cuda": ("cuda", "triton", "torch"),
+    "cuda": ("cuda", "torch"),
 }
 
-# Measured winners override AUTO_ORDER per (op, device type, dtype). Figures: ConvNeXt-T stage
-# shapes (batch 128 on GPU, 8 on CPU), summed over the blocks of the four stages; see
-# benchmarks/results/ for the runs.
-MEASURED_ORDER: Dict[Tuple[str, str, torch.dtype], Tuple[str, ...]] = {
-    # H100, torch 2.11: CUDA dwconv_ln 5.6 ms vs eager 5.2 ms in bf16 (it wins only at C=96),
-    # 2.2 ms vs 4.3 ms in fp32.
-    ("dwconv_ln", "cuda", torch.bfloat16): ("torch", "cuda"),
-    ("dwconv_ln", "cuda", torch.float16): ("torch", "cuda"),
+_BF16, _FP16, _FP32 = torch.bfloat16, torch.float16, torch.float32
+
+# Measured winners override AUTO_ORDER per (op, device type, dtype, training). "training" means
+# some input requires grad, so the backward runs too. Figures: ConvNeXt-T stage shapes at batch
+# 128, summed over the 3/3/9/3 blocks of the four stages, H100 + torch 2.11 + triton 3.6
+# (benchmarks/results/h100_ops.txt). Shape-wise winners differ (Triton mlp wins at C=96 only).
+MEASURED_ORDER: Dict[Tuple[str, str, torch.dtype, bool], Tuple[str, ...]] = {
+    # forward: triton 4.3 ms, eager 5.2, CUDA 5.6
+    ("dwconv_ln", "cuda", _BF16, False): ("triton", "torch", "cuda"),
+    ("dwconv_ln", "cuda", _FP16, False): ("triton", "torch", "cuda"),
+    # fwd+bwd: eager 13.4 ms, triton 27.7 (its backward is not tuned yet)
+    ("dwconv_ln", "cuda", _BF16, True): ("torch", "triton"),
+    ("dwconv_ln", "cuda", _FP16, True): ("torch", "triton"),
+    # forward: CUDA 5.1 ms, triton 5.2, eager 8.6
+    ("dwconv_ln", "cuda", _FP32, False): ("cuda", "triton", "torch"),
+    # fwd+bwd: triton 42 ms, eager 95, CUDA fwd + composite bwd 101
+    ("dwconv_ln", "cuda", _FP32, True): ("triton", "torch", "cuda"),
+    # forward: eager 5.5 ms, triton 6.5
+    ("mlp", "cuda", _BF16, False): ("torch", "triton"),
+    ("mlp", "cuda", _FP32, False): ("torch", "triton"),
+    # forward: triton 11.2 ms, eager 14.2
+    ("mlp_grn", "cuda", _BF16, False): ("triton", "torch"),
+    ("mlp_grn", "cuda", _FP32, False): ("torch", "triton"),
 }
 
 
-def auto_order(op: str, device_type: str, dtype: torch.dtype) -> Tuple[str, ...]:
+def auto_order(op: str, device_type: str, dtype: Optional[torch.dtype], training: bool = False
+               ) -> Tuple[str, ...]:
     """Backends tried, in order, when nothing is requested."""
-    return MEASURED_ORDER.get((op, device_type, dtype), AUTO_ORDER.get(device_type, ("torch",)))
-
-Reason = Optional[str]  # None means "fine", a string says why not
-
+    return MEASURED_ORDER.get((op, device_type, dtype, training),
+                              AUTO_ORDER.get(device_type, ("torch",)))
 
 class BackendError(RuntimeError):
     """An explicitly requested backend cannot run this call."""
@@ -142,8 +157,10 @@ def select(op: str, device: torch.device, backend: Optional[str], args, kwargs) 
             raise BackendError(f"{op}: backend {name!r} (from {source}) cannot run this call: {reason}")
         return name, _REGISTRY[op][name].fn
     skipped = []
-    dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor)), None)
-    for candidate in auto_order(op, device.type, dtype):
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    dtype = tensors[0].dtype if tensors else None
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    for candidate in auto_order(op, device.type, dtype, training):
         reason = _why_not(op, candidate, args, kwargs)
         if reason is None:
             if not torch.compiler.is_compiling():

@@ -37,3 +37,5 @@ def mlp(
 
 
 backends.register("mlp", "torch", reference.mlp)
+
+from . import _triton_mlp  # noqa: E402,F401  (registers the triton backends of mlp and mlp_grn)

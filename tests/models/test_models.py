@@ -208,6 +208,8 @@ def test_features_only_matches_timm(out_indices):
         assert a.shape == b.shape and max_rel_err(a, b) <= 1e-5
 
 
+@pytest.mark.skipif(tuple(int(v) for v in timm.__version__.split(".")[:3]) < (1, 0, 31),
+                    reason="mirrors timm >= 1.0.31, which also drops head.norm when pruning the end")
 def test_prune_intermediate_layers_matches_timm():
     t, o = pair("convnext_atto")
     assert o.prune_intermediate_layers([1]) == t.prune_intermediate_layers([1])
