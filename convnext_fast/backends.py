@@ -64,7 +64,7 @@ MEASURED_ORDER: Dict[Tuple[str, str, torch.dtype, bool], Tuple[str, ...]] = {
     ("mlp_grn", "cuda", _BF16, False): ("triton", "torch"),
     ("mlp_grn", "cuda", _FP32, False): ("torch", "triton"),
     # 2-core AVX2 CPU, batch 8 (benchmarks/results/cpu2core_dwconv_ln.txt): C++ 55 ms vs eager 59
-    # in fp32 (it wins at C=96 only), 42 ms vs 2.4 s in bf16.
+    # in fp32 (it wins at C=96 only), 48 ms vs 2.8 s in bf16.
     ("dwconv_ln", "cpu", _FP32, False): ("cpu", "torch"),
     ("dwconv_ln", "cpu", _BF16, False): ("cpu", "torch"),
 }
