@@ -14,7 +14,6 @@ why. The kernels module itself (which imports triton) is imported lazily, on fir
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 from types import ModuleType
 from typing import Optional, Tuple
@@ -36,16 +35,12 @@ _register_err: Optional[str] = None
 
 
 def _kernels() -> ModuleType:
-    """The launchers module: ``convnext_fast.kernels.dwconv_ln`` when installed, else the
-    source tree's top-level ``kernels.dwconv_ln`` (repository root on sys.path)."""
+    """The launchers module ``convnext_fast.kernels.dwconv_ln`` (kernels/, installed as a
+    subpackage by setup.py)."""
     global _kernels_mod
     if _kernels_mod is None:
-        try:
-            from ..kernels import dwconv_ln as mod  # type: ignore[attr-defined]
-        except ModuleNotFoundError as e:
-            if e.name not in ("convnext_fast.kernels", "convnext_fast.kernels.dwconv_ln"):
-                raise
-            mod = importlib.import_module("kernels.dwconv_ln")
+        from ..kernels import dwconv_ln as mod
+
         _kernels_mod = mod
     return _kernels_mod
 

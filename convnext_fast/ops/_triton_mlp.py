@@ -40,13 +40,7 @@ def _kernels():
     """(kernels.mlp, kernels.mlp_grn), imported on first use."""
     global _KERNELS
     if _KERNELS is None:
-        try:
-            from convnext_fast.kernels import mlp as k_mlp, mlp_grn as k_grn
-        except ModuleNotFoundError as e:  # source tree without the packaging map: top-level kernels/
-            if e.name not in ("convnext_fast.kernels", "convnext_fast.kernels.mlp",
-                              "convnext_fast.kernels.mlp_grn"):
-                raise
-            from kernels import mlp as k_mlp, mlp_grn as k_grn
+        from ..kernels import mlp as k_mlp, mlp_grn as k_grn  # kernels/, installed as a subpackage
         _KERNELS = (k_mlp, k_grn)
     return _KERNELS
 

@@ -8,7 +8,6 @@
 // stays in a scratch vector and is normalised right away: the conv result never touches memory.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -17,7 +16,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../include/checks.h"
+#include "../include/dwconv_ln.h"
 
 namespace convnext_fast {
 namespace {
@@ -187,29 +186,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_cpu(
     const at::Tensor& x, const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
     const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
   constexpr const char* op = "dwconv_ln";
-  CNF_CHECK_NHWC("dwconv_ln", "x", x);
+  const int64_t k = check_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(0) == C && conv_weight.size(1) == 1 &&
-                  conv_weight.size(2) == conv_weight.size(3) && conv_weight.size(2) % 2 == 1,
-              op, ": conv_weight must have shape [C, 1, k, k] = [", C,
-              ", 1, k, k] with odd k, got ", conv_weight.sizes());
-  CNF_CHECK_SAME("dwconv_ln", "conv_weight", conv_weight, x);
-  if (conv_bias.has_value()) {
-    CNF_CHECK_VEC("dwconv_ln", "conv_bias", (*conv_bias), x, C);
-  }
-  CNF_CHECK_VEC("dwconv_ln", "ln_weight", ln_weight, x, C);
-  CNF_CHECK_VEC("dwconv_ln", "ln_bias", ln_bias, x, C);
-  const int64_t k = conv_weight.size(2);
 
-  auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  auto stat_opts = x.options().dtype(at::kFloat);
-  auto mean = at::empty({N, H, W}, stat_opts);
-  auto rstd = at::empty({N, H, W}, stat_opts);
-  if (poison_outputs()) {
-    y.fill_(NAN);
-    mean.fill_(NAN);
-    rstd.fill_(NAN);
-  }
+  at::Tensor y, mean, rstd;
+  std::tie(y, mean, rstd) = dwconv_ln_outputs(x);
   if (x.numel() == 0) return {y, mean, rstd};
 
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);

@@ -19,7 +19,7 @@
 
 #include <type_traits>
 
-#include "../include/checks.h"
+#include "../include/dwconv_ln.h"
 
 namespace convnext_fast {
 namespace {
@@ -154,19 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_cuda(
     const at::Tensor& x, const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias,
     const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
   constexpr const char* op = "dwconv_ln";
-  CNF_CHECK_NHWC("dwconv_ln", "x", x);
+  const int k = static_cast<int>(check_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias));
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(0) == C && conv_weight.size(1) == 1 &&
-                  conv_weight.size(2) == conv_weight.size(3) && conv_weight.size(2) % 2 == 1,
-              op, ": conv_weight must have shape [C, 1, k, k] = [", C,
-              ", 1, k, k] with odd k, got ", conv_weight.sizes());
-  CNF_CHECK_SAME("dwconv_ln", "conv_weight", conv_weight, x);
-  if (conv_bias.has_value()) {
-    CNF_CHECK_VEC("dwconv_ln", "conv_bias", (*conv_bias), x, C);
-  }
-  CNF_CHECK_VEC("dwconv_ln", "ln_weight", ln_weight, x, C);
-  CNF_CHECK_VEC("dwconv_ln", "ln_bias", ln_bias, x, C);
-  const int k = static_cast<int>(conv_weight.size(2));
   TORCH_CHECK(k == 3 || k == 5 || k == 7, op, ": the CUDA kernel supports k in {3, 5, 7}, got ", k);
   TORCH_CHECK(C <= kMaxC, op, ": C = ", C, " exceeds the CUDA kernel's limit of ", kMaxC);
   TORCH_CHECK(N <= 65535 && H <= 65535, op, ": N = ", N, " and H = ", H,
@@ -174,15 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_cuda(
   TORCH_CHECK(W * C <= INT32_MAX && H * W <= INT32_MAX, op, ": one image row or plane is too large");
 
   const c10::cuda::CUDAGuard guard(x.device());
-  auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  auto stat_opts = x.options().dtype(at::kFloat);
-  auto mean = at::empty({N, H, W}, stat_opts);
-  auto rstd = at::empty({N, H, W}, stat_opts);
-  if (poison_outputs()) {
-    y.fill_(NAN);
-    mean.fill_(NAN);
-    rstd.fill_(NAN);
-  }
+  at::Tensor y, mean, rstd;
+  std::tie(y, mean, rstd) = dwconv_ln_outputs(x);
   if (x.numel() == 0) return {y, mean, rstd};
 
   const auto w_taps = conv_weight.reshape({C, k * k}).t().to(at::kFloat).contiguous();

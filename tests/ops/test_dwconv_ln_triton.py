@@ -23,7 +23,7 @@ from convnext_fast.testing import assert_parity  # noqa: E402
 if T.available() is not None:
     pytest.skip(f"triton backend unavailable: {T.available()}", allow_module_level=True)
 
-K = T._kernels()  # convnext_fast.kernels.dwconv_ln, or kernels.dwconv_ln from the source tree
+K = T._kernels()  # convnext_fast.kernels.dwconv_ln
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and (not K.INTERPRET or K.INTERPRETER_PROBLEM is not None):
     pytest.skip("no CUDA device, and triton was imported before TRITON_INTERPRET=1 was set (set it "

@@ -19,10 +19,7 @@ pytest.importorskip("triton")
 import convnext_fast.ops._triton_mlp as tm  # noqa: E402
 from convnext_fast import backends, ops, reference  # noqa: E402
 
-try:
-    from convnext_fast.kernels import mlp as K  # noqa: E402
-except ModuleNotFoundError:
-    from kernels import mlp as K  # noqa: E402
+from convnext_fast.kernels import mlp as K  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
