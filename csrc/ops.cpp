@@ -12,6 +12,13 @@ TORCH_LIBRARY(convnext_fast, m) {
   m.def(
       "dwconv_ln(Tensor x, Tensor conv_weight, Tensor? conv_bias, Tensor ln_weight, "
       "Tensor ln_bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // Gradients of dwconv_ln from its saved statistics (the conv output is recomputed from x):
+  // returns (dx [N, C, H, W] channels_last in x's dtype, d_conv_weight [C, 1, k, k],
+  // d_conv_bias [C] (always computed; the caller drops it when there is no bias), d_ln_weight [C],
+  // d_ln_bias [C]), the parameter gradients in the parameters' dtype. grad_y is channels_last.
+  m.def(
+      "dwconv_ln_bwd(Tensor grad_y, Tensor x, Tensor conv_weight, Tensor? conv_bias, "
+      "Tensor ln_weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef CONVNEXT_FAST_ARCH_LIST
