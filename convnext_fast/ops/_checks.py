@@ -66,6 +66,11 @@ def check_mlp(op: str, y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual) 
     check_tensor(op, "residual", residual, tuple(y.shape), y, optional=True)
 
 
+def device_type(t) -> str:
+    """The device type of ``t``, or "" for a non-tensor (the checks then say what is wrong)."""
+    return t.device.type if isinstance(t, torch.Tensor) else ""
+
+
 def channels_last(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """NHWC memory for a 4-D tensor; a no-op (no copy) when it already is."""
     if t is None:

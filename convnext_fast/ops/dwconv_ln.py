@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from .. import _ext, backends, reference
-from ._checks import channels_last, check_dwconv_ln
+from ._autocast import autocast_inputs
+from ._checks import channels_last, check_dwconv_ln, device_type as _device_type
 
 __all__ = ["dwconv_ln"]
 
@@ -36,13 +37,17 @@ def dwconv_ln(
     x: [N, C, H, W] (NCHW-contiguous input is converted to channels-last once, here);
     conv_weight: [C, 1, k, k], odd k; conv_bias: [C] or None; ln_weight, ln_bias: [C], all with
     x's dtype and device. Returns y: [N, C, H, W], channels-last, x's dtype. LayerNorm statistics
-    are fp32 on every backend.
+    are fp32 on every backend. Under ``torch.autocast`` every tensor is first cast to the autocast
+    dtype and y comes back in it.
     """
+    tensors, ctx = autocast_inputs(_device_type(x), x, conv_weight, conv_bias, ln_weight, ln_bias)
+    x, conv_weight, conv_bias, ln_weight, ln_bias = tensors
     check_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias)
     x = channels_last(x)
     args = (x, conv_weight, conv_bias, ln_weight, ln_bias, float(eps))
     _, fn = backends.select("dwconv_ln", x.device, backend, args, {})
-    return fn(*args)
+    with ctx:
+        return fn(*args)
 
 
 def _cpu_available() -> Optional[str]:

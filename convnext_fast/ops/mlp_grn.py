@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 
 from .. import backends, reference
-from ._checks import channels_last, check_mlp, check_tensor
+from ._autocast import autocast_inputs
+from ._checks import channels_last, check_mlp, check_tensor, device_type
 
 __all__ = ["mlp_grn"]
 
@@ -27,8 +28,12 @@ def mlp_grn(
     """out = residual + fc2(GRN(gelu_erf(fc1(y)))) with GRN over H*W per image and channel.
 
     y: [N, C, H, W]; fc1_weight: [D, C]; grn_weight, grn_bias: [D]; fc2_weight: [C, D];
-    residual: [N, C, H, W] or None. Returns [N, C, H, W], channels-last, y's dtype.
+    residual: [N, C, H, W] or None. Returns [N, C, H, W], channels-last, y's dtype (the autocast
+    dtype under ``torch.autocast``, which casts every tensor first).
     """
+    tensors, ctx = autocast_inputs(device_type(y), y, fc1_weight, fc1_bias, grn_weight, grn_bias,
+                                   fc2_weight, fc2_bias, residual)
+    y, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, fc2_bias, residual = tensors
     check_mlp("mlp_grn", y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
     D = fc1_weight.shape[0]
     check_tensor("mlp_grn", "grn_weight", grn_weight, (D,), y)
@@ -36,7 +41,8 @@ def mlp_grn(
     y, residual = channels_last(y), channels_last(residual)
     args = (y, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, fc2_bias, residual, float(eps))
     _, fn = backends.select("mlp_grn", y.device, backend, args, {})
-    return fn(*args)
+    with ctx:
+        return fn(*args)
 
 
 backends.register("mlp_grn", "torch", reference.mlp_grn)
