@@ -2,6 +2,7 @@
 
     import convnext_fast
     model = convnext_fast.convnext_tiny(pretrained="convnext_tiny.safetensors")
+    report = convnext_fast.patch_timm(timm_model)   # or: run a timm ConvNeXt on the fused ops
 
 See README.md; ``python -m convnext_fast info`` shows which backend runs each op and why.
 """
@@ -9,7 +10,9 @@ from . import backends, ops, reference
 from .backends import BackendError, use_backend
 from .models import *  # noqa: F401,F403  (variant constructors, create_model, from_timm, ...)
 from .models import __all__ as _model_names
+from .patch import PatchReport, patch_timm, unpatch_timm
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "ops", "reference", "BackendError", "use_backend", *_model_names]
+__all__ = ["backends", "ops", "reference", "BackendError", "use_backend", "patch_timm", "unpatch_timm",
+           "PatchReport", *_model_names]
