@@ -2,8 +2,9 @@
 
 Backends: ``torch`` (reference composite), and ``cpu`` / ``cuda``: the extension's op
 ``convnext_fast::dwconv_ln`` (``csrc/cpu/dwconv_ln_cpu.cpp``, ``csrc/cuda/dwconv_ln_cuda.cu``), whose
-backward is for now the fp32 composite :func:`convnext_fast.reference.dwconv_ln_bwd` from the saved
-statistics (a compiled backward replaces it in a later change).
+backward is the op ``convnext_fast::dwconv_ln_bwd`` (``csrc/cpu/dwconv_ln_bwd_cpu.cpp``, and the CUDA
+kernel where the build has one) from x and the saved fp32 statistics; on a device without a compiled
+backward it is the fp32 composite :func:`convnext_fast.reference.dwconv_ln_bwd`.
 """
 from __future__ import annotations
 
@@ -87,6 +88,15 @@ def _ext_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
     return torch.ops.convnext_fast.dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps)[0]
 
 
+def _has_bwd_kernel(device_type: str) -> bool:
+    """Whether the extension has a compiled ``dwconv_ln_bwd`` for this device (CPU always; CUDA
+    when built with its kernel); elsewhere the backward is the composite
+    :func:`convnext_fast.reference.dwconv_ln_bwd`."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "convnext_fast::dwconv_ln_bwd", key)
+
+
 def _register_cpp_op() -> None:
     """Fake (meta) and autograd formulas for the C++ op; the schema lives in csrc/ops.cpp."""
 
@@ -102,11 +112,24 @@ def _register_cpp_op() -> None:
         _, mean, rstd = output
         ctx.save_for_backward(x, conv_weight, conv_bias, ln_weight, mean, rstd)
 
+    @torch.library.register_fake("convnext_fast::dwconv_ln_bwd")
+    def _(grad_y, x, conv_weight, conv_bias, ln_weight, mean, rstd):
+        C = x.shape[1]
+        return (torch.empty_like(x, memory_format=torch.channels_last),
+                torch.empty_like(conv_weight, memory_format=torch.contiguous_format),
+                (conv_bias if conv_bias is not None else conv_weight).new_empty((C,)),
+                ln_weight.new_empty((C,)), ln_weight.new_empty((C,)))
+
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
         x, conv_weight, conv_bias, ln_weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db, dlw, dlb = reference.dwconv_ln_bwd(grad_y, x, conv_weight, conv_bias, ln_weight,
-                                                       mean, rstd)
-        return dx, dw, db, dlw, dlb, None
+        if _has_bwd_kernel(x.device.type):
+            dx, dw, db, dlw, dlb = torch.ops.convnext_fast.dwconv_ln_bwd(
+                grad_y.contiguous(memory_format=torch.channels_last), x, conv_weight, conv_bias,
+                ln_weight, mean, rstd)
+        else:
+            dx, dw, db, dlw, dlb = reference.dwconv_ln_bwd(grad_y, x, conv_weight, conv_bias,
+                                                           ln_weight, mean, rstd)
+        return dx, dw, db if conv_bias is not None else None, dlw, dlb, None
 
     torch.library.register_autograd("convnext_fast::dwconv_ln", backward, setup_context=setup_context)
 

@@ -12,36 +12,19 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <functional>
 #include <cmath>
 #include <vector>
 
+#include "../include/cpu_vec.h"
 #include "../include/dwconv_ln.h"
 
 namespace convnext_fast {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-
-// Reduced-precision rows are widened to fp32 once (at::vec::convert is vectorized for them).
-template <typename scalar_t>
-inline void widen(const scalar_t* src, float* dst, int64_t n) {
-  at::vec::convert(src, dst, n);
-}
-
-template <typename scalar_t>
-inline void narrow(const float* src, scalar_t* dst, int64_t n) {
-  at::vec::convert(src, dst, n);
-}
-
-inline float vec_sum(const float* a, int64_t C) {
-  Vec s(0.f);
-  int64_t c = 0;
-  for (; c + Vec::size() <= C; c += Vec::size()) s = s + Vec::loadu(a + c);
-  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), s);
-  for (; c < C; ++c) total += a[c];
-  return total;
-}
+using cpu::Vec;
+using cpu::narrow;
+using cpu::vec_sum;
+using cpu::widen;
 
 // In place: a[c] -= mu; returns sum of squares of the centered values.
 inline float center_and_sumsq(float* a, float mu, int64_t C) {
@@ -71,33 +54,6 @@ inline void scale_shift(float* a, float rstd, const float* w, const float* b, in
   for (; c < C; ++c) a[c] = a[c] * rstd * w[c] + b[c];
 }
 
-// acc[0:C] = bias + sum over the k*k taps of rows[tap] * w_taps[tap], with a block of NV vectors
-// of acc held in registers across all taps (one load/store of acc per block, not per tap).
-template <int NV>
-inline int64_t conv_block(float* acc, const float* rows, int64_t row_stride, const float* w_taps,
-                          const float* bias, int64_t c0, int64_t C, int64_t k, int64_t kh_lo,
-                          int64_t kh_hi) {
-  constexpr int64_t kStep = NV * Vec::size();
-  for (; c0 + kStep <= C; c0 += kStep) {
-    Vec a[NV];
-    for (int i = 0; i < NV; ++i) {
-      a[i] = bias != nullptr ? Vec::loadu(bias + c0 + i * Vec::size()) : Vec(0.f);
-    }
-    for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
-      const float* row = rows + kh * row_stride + c0;
-      const float* wt = w_taps + kh * k * C + c0;
-      for (int64_t kw = 0; kw < k; ++kw) {
-        for (int i = 0; i < NV; ++i) {
-          a[i] = at::vec::fmadd(Vec::loadu(row + kw * C + i * Vec::size()),
-                                Vec::loadu(wt + kw * C + i * Vec::size()), a[i]);
-        }
-      }
-    }
-    for (int i = 0; i < NV; ++i) a[i].store(acc + c0 + i * Vec::size());
-  }
-  return c0;
-}
-
 template <typename scalar_t>
 void dwconv_ln_cpu_kernel(const scalar_t* x, const float* w_taps, const float* conv_bias,
                           const float* ln_w, const float* ln_b, scalar_t* y, float* mean_out,
@@ -125,17 +81,7 @@ void dwconv_ln_cpu_kernel(const scalar_t* x, const float* w_taps, const float* c
         const int64_t kh_lo = std::max<int64_t>(0, p - h);
         const int64_t kh_hi = std::min<int64_t>(k, H + p - h);
         const float* base = rows.data() + w * C;
-        int64_t c = conv_block<4>(acc.data(), base, Wp * C, w_taps, conv_bias, 0, C, k, kh_lo, kh_hi);
-        c = conv_block<1>(acc.data(), base, Wp * C, w_taps, conv_bias, c, C, k, kh_lo, kh_hi);
-        for (; c < C; ++c) {
-          float a = conv_bias != nullptr ? conv_bias[c] : 0.f;
-          for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
-            for (int64_t kw = 0; kw < k; ++kw) {
-              a += base[kh * Wp * C + kw * C + c] * w_taps[(kh * k + kw) * C + c];
-            }
-          }
-          acc[c] = a;
-        }
+        cpu::conv_pixel(acc.data(), base, Wp * C, w_taps, conv_bias, C, k, kh_lo, kh_hi);
         // Two-pass statistics over the cached row: exact for large means, unlike E[x^2]-E[x]^2.
         const float muf = vec_sum(acc.data(), C) / C;
         const float var = center_and_sumsq(acc.data(), muf, C) / C;

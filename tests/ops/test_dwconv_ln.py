@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from convnext_fast import _ext, backends, ops, reference
-from convnext_fast.testing import assert_parity
+from convnext_fast.testing import assert_fp32, assert_parity
 
 needs_ext = pytest.mark.skipif(_ext.load() is None, reason=f"extension not built: {_ext.error()}")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
@@ -86,10 +86,137 @@ def test_gradients_match_reference(bias, backend):
         assert_parity(a, b, name=f"d{name}", tight=(1e-4, 1e-4))
 
 
+BWD_SHAPES = [(2, 96, 14, 14, 7), (1, 384, 7, 7, 7), (2, 13, 9, 11, 7), (1, 40, 3, 5, 7),
+              (3, 136, 1, 1, 7), (1, 7, 2, 9, 5), (2, 33, 4, 3, 3), (1, 1, 6, 6, 3)]
+BWD_NAMES = ("dx", "d_conv_weight", "d_conv_bias", "d_ln_weight", "d_ln_bias")
+
+
+def run_bwd(args, grad_y, eps=1e-6):
+    """The compiled backward op on the forward op's own saved statistics."""
+    x, w, b, lw, lb = args
+    _, mean, rstd = torch.ops.convnext_fast.dwconv_ln(x, w, b, lw, lb, eps)
+    return torch.ops.convnext_fast.dwconv_ln_bwd(grad_y, x, w, b, lw, mean, rstd)
+
+
+def assert_within_torch_error(out, ref64, torch_same, name, factor=2.0):
+    """The low-precision parity rule applied to fp32 (for cases whose exact answer is 0)."""
+    err = (out.double() - ref64).abs().max().item()
+    base = (torch_same.double() - ref64).abs().max().item()
+    assert err <= factor * base + 1e-6, f"{name}: error {err:.3g} vs PyTorch's fp32 {base:.3g}"
+
+
+def autograd_grads(args, grad_y):
+    """Gradients of the reference forward by autograd, in the inputs' dtype (what PyTorch makes)."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in args]
+    y = reference.dwconv_ln(*leaves, 1e-6)
+    live = [t for t in leaves if t is not None]
+    got = iter(torch.autograd.grad(y, live, grad_y))
+    return [next(got) if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("backend", EXT_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", BWD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_op_matches_reference(shape, dtype, backend):
+    bias = shape[1] % 2 == 0
+    args = make_inputs(*shape, dtype, bias=bias, device=device_of(backend))
+    gy = torch.randn(args[0].shape).to(args[0].device, dtype).contiguous(memory_format=torch.channels_last)
+    got = run_bwd(args, gy)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    want = autograd_grads([to64(t) for t in args], gy.double())
+    lowp = autograd_grads(args, gy)
+    for name, g, w, lp in zip(BWD_NAMES, got, want, lowp):
+        assert g.dtype == dtype
+        if w is None:  # no conv bias: the op still returns the sum of dz; the autograd drops it
+            continue
+        assert g.shape == w.shape, name
+        if dtype == torch.float32 and shape[1] > 1:
+            assert_fp32(g, w, name=f"{name}{shape}", rtol=2e-5)
+        elif dtype == torch.float32:
+            # C == 1: every true gradient but d_ln_bias is 0 and fp32 rounding of z - mean is
+            # scaled by rstd = eps^-1/2, so fp32 is held to PyTorch's own fp32 error there.
+            assert_within_torch_error(g, w, lp, name=f"{name}{shape}")
+        else:
+            assert_parity(g, w, lp, name=f"{name}{shape}")
+
+
+@pytest.mark.parametrize("backend", EXT_BACKENDS)
+def test_backward_is_deterministic(backend):
+    args = make_inputs(2, 72, 11, 9, 7, torch.float32, device=device_of(backend))
+    gy = torch.randn_like(args[0])
+    first = run_bwd(args, gy)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the CPU kernel's partial sums must not depend on the thread count
+        second = run_bwd(args, gy)
+    finally:
+        torch.set_num_threads(threads)
+    third = run_bwd(args, gy)
+    for name, a, b, c in zip(BWD_NAMES, first, second, third):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+
+
+@pytest.mark.parametrize("backend", EXT_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_opcheck(dtype, backend):
+    dev = device_of(backend)
+    for shape, bias in (((2, 12, 5, 4, 3), True), ((1, 8, 3, 3, 7), False)):
+        x, w, b, lw, lb = make_inputs(*shape, dtype, bias=bias, device=dev)
+        _, mean, rstd = torch.ops.convnext_fast.dwconv_ln(x, w, b, lw, lb, 1e-6)
+        gy = torch.randn_like(x)
+        torch.library.opcheck(torch.ops.convnext_fast.dwconv_ln_bwd.default,
+                              (gy, x, w, b, lw, mean, rstd))
+
+
+@pytest.mark.parametrize("backend", EXT_BACKENDS)
+def test_autograd_runs_the_compiled_backward(backend):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    args = [t.requires_grad_() for t in make_inputs(1, 16, 4, 4, 3, torch.float32,
+                                                    device=device_of(backend))]
+    y = ops.dwconv_ln(*args, backend=backend)
+    with Record() as rec:
+        y.backward(torch.randn_like(y))
+    assert "convnext_fast.dwconv_ln_bwd" in rec.ops
+    assert "aten.convolution_backward" not in rec.ops  # not the composite
+
+
+@needs_ext
+def test_backward_op_rejects_bad_input():
+    x, w, b, lw, lb = make_inputs(1, 8, 4, 4, 3, torch.float32)
+    _, mean, rstd = torch.ops.convnext_fast.dwconv_ln(x, w, b, lw, lb, 1e-6)
+    gy = torch.randn_like(x)
+    bwd = torch.ops.convnext_fast.dwconv_ln_bwd
+    with pytest.raises(RuntimeError, match="grad_y must be channels_last-contiguous"):
+        bwd(gy.contiguous(), x, w, b, lw, mean, rstd)
+    with pytest.raises(RuntimeError, match="grad_y must have x's shape"):
+        bwd(gy[:, :, :2].contiguous(memory_format=torch.channels_last), x, w, b, lw, mean, rstd)
+    with pytest.raises(RuntimeError, match=r"mean must have shape \[N, H, W\]"):
+        bwd(gy, x, w, b, lw, mean[:, :2], rstd)
+    with pytest.raises(RuntimeError, match="rstd must be float32"):
+        bwd(gy, x, w, b, lw, mean, rstd.double())
+    with pytest.raises(RuntimeError, match="ln_weight has dtype"):
+        bwd(gy, x, w, b, lw.double(), mean, rstd)
+
+
 @needs_ext
 def test_gradcheck_fp64():
     args = [t.requires_grad_() for t in make_inputs(1, 5, 4, 3, 3, torch.float64)]
     assert torch.autograd.gradcheck(lambda *a: ops.dwconv_ln(*a, backend="cpu"), args)
+    # no conv bias, H and W smaller than k
+    x, w, _, lw, lb = [t.requires_grad_() if t is not None else None
+                       for t in make_inputs(2, 3, 2, 3, 5, torch.float64, bias=False)]
+    assert torch.autograd.gradcheck(lambda *a: ops.dwconv_ln(a[0], a[1], None, *a[2:], backend="cpu"),
+                                    (x, w, lw, lb))
 
 
 @pytest.mark.parametrize("backend", EXT_BACKENDS)
