@@ -4,7 +4,7 @@ Each op (``dwconv_ln``, ``mlp``, ``mlp_grn``) has implementations registered her
 (``torch``, ``cpu``, ``cuda``, ``triton``). Selection, highest first:
 
 1. an explicit ``backend=`` argument to the op,
-2. the innermost :func:`use_backend` context,
+2. the innermost :func:`use_backend` context (one backend for every op, or a mapping op -> backend),
 3. the ``CONVNEXT_FAST_BACKEND`` environment variable,
 4. automatic: the first backend in :func:`auto_order` for the op, device type and dtype that is
    available and supports the call (a table of measured winners, else a per-device default).
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -88,7 +88,7 @@ class OpImpl:
 
 
 _REGISTRY: Dict[str, Dict[str, OpImpl]] = {}
-_CONTEXT: List[str] = []
+_CONTEXT: List[Union[str, Dict[str, str]]] = []
 _LAST: Dict[str, Tuple[str, Tuple[Tuple[str, str], ...]]] = {}
 
 
@@ -119,12 +119,15 @@ def _normalize(name: Optional[str], source: str) -> Optional[str]:
     return name
 
 
-def requested_backend(explicit: Optional[str] = None) -> Tuple[Optional[str], str]:
-    """The backend asked for (None = automatic) and where the request came from."""
+def requested_backend(explicit: Optional[str] = None, op: Optional[str] = None) -> Tuple[Optional[str], str]:
+    """The backend asked for ``op`` (None = automatic) and where the request came from."""
     if explicit is not None:
         return _normalize(explicit, "backend argument"), "backend argument"
-    if _CONTEXT:
-        return _normalize(_CONTEXT[-1], "use_backend()"), "use_backend()"
+    for request in reversed(_CONTEXT):
+        if isinstance(request, str):
+            return _normalize(request, "use_backend()"), "use_backend()"
+        if op in request:  # a per-op mapping names only some ops; the rest look further out
+            return _normalize(request[op], "use_backend()"), "use_backend()"
     env = os.environ.get(ENV_VAR)
     if env:
         return _normalize(env, ENV_VAR), ENV_VAR
@@ -132,9 +135,20 @@ def requested_backend(explicit: Optional[str] = None) -> Tuple[Optional[str], st
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run the ops inside the ``with`` block on backend ``name`` (or ``'auto'``)."""
-    _normalize(name, "use_backend()")
+def use_backend(name: Union[str, Mapping[str, str]]) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on backend ``name`` (or ``'auto'``).
+
+    ``name`` may also map op names to backends, e.g. ``{"dwconv_ln": "cpu"}``: the ops it names run
+    there, the others as they would outside this block.
+    """
+    if isinstance(name, str):
+        _normalize(name, "use_backend()")
+    else:
+        name = dict(name)
+        for op, backend in name.items():
+            if op not in _REGISTRY:
+                raise BackendError(f"use_backend(): unknown op {op!r}; expected one of {sorted(_REGISTRY)}")
+            _normalize(backend, "use_backend()")
     _CONTEXT.append(name)
     try:
         yield
@@ -154,7 +168,7 @@ def _why_not(op: str, backend: str, args, kwargs) -> Reason:
 
 def select(op: str, device: torch.device, backend: Optional[str], args, kwargs) -> Tuple[str, Callable]:
     """Pick the implementation of ``op`` for this call; see the module docstring for the order."""
-    name, source = requested_backend(backend)
+    name, source = requested_backend(backend, op)
     if name is not None:
         reason = _why_not(op, name, args, kwargs)
         if reason is not None:

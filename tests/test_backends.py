@@ -71,3 +71,20 @@ def test_describe_lists_every_op_and_backend():
     assert {(op, b) for op, b, _ in rows} == {
         (op, b) for op in ("dwconv_ln", "mlp", "mlp_grn") for b in backends.BACKENDS}
     assert all(reason is None for op, b, reason in rows if b == "torch")
+
+
+def test_use_backend_per_op_mapping(monkeypatch):
+    monkeypatch.delenv("CONVNEXT_FAST_BACKEND", raising=False)
+    with use_backend("triton"):
+        with use_backend({"dwconv_ln": "torch"}):
+            assert backends.requested_backend(op="dwconv_ln") == ("torch", "use_backend()")
+            assert backends.requested_backend(op="mlp") == ("triton", "use_backend()")
+    with use_backend({"mlp": "auto"}):
+        assert backends.requested_backend(op="mlp") == (None, "use_backend()")
+        assert backends.requested_backend(op="dwconv_ln") == (None, "automatic")
+    with pytest.raises(BackendError, match="unknown op 'conv'"):
+        with use_backend({"conv": "torch"}):
+            pass
+    with pytest.raises(BackendError, match="unknown backend 'gpu'"):
+        with use_backend({"mlp": "gpu"}):
+            pass
