@@ -131,7 +131,7 @@ _FC1 = TunedKernel(_mlp_grn_fwd_fc1_kernel, _fc1_configs, key=["C", "D", "BLOCK_
 
 def _grn_scale(ssq: torch.Tensor, grn_weight: torch.Tensor, N: int, D: int, eps: float):
     """From per-tile partials [N*TPI, D]: gx, nx, denom = mean(gx) + eps, S = 1 + grn_w * nx (fp32)."""
-    gx = ssq.view(N, -1, D).sum(1).sqrt()
+    gx = ssq.view(N, ssq.shape[0] // max(N, 1), D).sum(1).sqrt()  # not -1: N = 0 is ambiguous
     denom = gx.mean(-1, keepdim=True) + eps
     nx = gx / denom
     scale = torch.addcmul(torch.ones_like(nx), grn_weight.float()[None, :], nx)

@@ -123,9 +123,11 @@ def supports(x, conv_weight, conv_bias, ln_weight, ln_bias, eps) -> Optional[str
     max_k = _kernels().MAX_K if _kernels_error() is None else 0
     if k % 2 == 0 or k > max_k or conv_weight.shape[-2] != k:
         return f"the Triton kernels need a square odd kernel of size <= {max_k}, got {k}"
-    N, _, H, W = x.shape
+    N, C, H, W = x.shape
     if N * H * W >= 2 ** 31:
         return "the Triton kernels need N*H*W < 2**31"
+    if (k // 2) * (W + 1) * C >= 2 ** 31:  # the farthest tap, as an int32 element offset
+        return "the Triton kernels need (k//2) * (W+1) * C < 2**31 (int32 tap offsets)"
     return None
 
 

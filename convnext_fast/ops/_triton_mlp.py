@@ -93,6 +93,9 @@ def _supports(y) -> Optional[str]:
         return f"device {y.device.type} is not supported (CUDA, or CPU under TRITON_INTERPRET=1)"
     if y.dtype not in _DTYPES:
         return f"dtype {y.dtype} is not supported (float32, float16, bfloat16)"
+    N, _, H, W = y.shape
+    if N * H * W >= 2 ** 31:  # row indices are int32 (element offsets are int64)
+        return "the Triton kernels need N*H*W < 2**31"
     return None
 
 
@@ -107,6 +110,11 @@ def supports_mlp_grn(y, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, 
 
 def _empty(ref: Tensor) -> Tensor:
     return ref.new_empty((0,))
+
+
+def _c(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A bias / gamma / GRN vector with unit stride: the kernels index vectors as ``PTR + i``."""
+    return None if t is None else t.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +139,8 @@ if _OP_REASON is None:
                    fc2_bias: Optional[Tensor], gamma: Optional[Tensor],
                    residual: Optional[Tensor]) -> Tensor:
         k_mlp, _ = _kernels()
-        return k_mlp.mlp_fwd(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
+        return k_mlp.mlp_fwd(y, fc1_weight, _c(fc1_bias), fc2_weight, _c(fc2_bias), _c(gamma),
+                             residual)
 
     @_triton_op("convnext_fast::mlp_triton_bwd", mutates_args=())
     def mlp_triton_bwd(grad_out: Tensor, y: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
@@ -139,7 +148,7 @@ if _OP_REASON is None:
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         k_mlp, _ = _kernels()
         dy, dw1, db1, dw2, db2, dgamma, _ = k_mlp.mlp_bwd(
-            grad_out, y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, False)
+            grad_out, y, fc1_weight, _c(fc1_bias), fc2_weight, _c(fc2_bias), _c(gamma), False)
         e = _empty(y)
         return (dy, dw1, e if db1 is None else db1, dw2, e.clone() if db2 is None else db2,
                 e.clone() if dgamma is None else dgamma)
@@ -163,8 +172,8 @@ if _OP_REASON is None:
                        grn_bias: Tensor, fc2_weight: Tensor, fc2_bias: Optional[Tensor],
                        residual: Optional[Tensor], eps: float) -> Tensor:
         _, k_grn = _kernels()
-        return k_grn.mlp_grn_fwd(y, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, fc2_bias,
-                                 residual, eps)
+        return k_grn.mlp_grn_fwd(y, fc1_weight, _c(fc1_bias), _c(grn_weight), _c(grn_bias),
+                                 fc2_weight, _c(fc2_bias), residual, eps)
 
     @_triton_op("convnext_fast::mlp_grn_triton_bwd", mutates_args=())
     def mlp_grn_triton_bwd(grad_out: Tensor, y: Tensor, fc1_weight: Tensor,
@@ -173,7 +182,8 @@ if _OP_REASON is None:
                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         _, k_grn = _kernels()
         dy, dw1, db1, dgw, dgb, dw2, db2, _ = k_grn.mlp_grn_bwd(
-            grad_out, y, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, fc2_bias, eps, False)
+            grad_out, y, fc1_weight, _c(fc1_bias), _c(grn_weight), _c(grn_bias), fc2_weight,
+            _c(fc2_bias), eps, False)
         e = _empty(y)
         return (dy, dw1, e if db1 is None else db1, dgw, dgb, dw2,
                 e.clone() if db2 is None else db2)

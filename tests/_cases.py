@@ -1,0 +1,171 @@
+"""Inputs, backend lists and reference calls shared by the reliability tests (bad input, numerics,
+determinism, fallbacks).
+
+Backends are read from the registry, so a backend registered later is covered without editing
+the tests: ``torch``, ``cpu`` and ``triton`` (under TRITON_INTERPRET=1) run on the CPU; ``cuda`` and
+``triton`` on a GPU are listed too and skip, visibly, where no GPU is visible.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import pytest
+import torch
+
+from convnext_fast import backends, ops, reference
+from convnext_fast.testing import assert_fp32, assert_parity
+
+OPS = ("dwconv_ln", "mlp", "mlp_grn")
+GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not GPU, reason="no CUDA device visible")
+_DEVICES = {"torch": ("cpu",), "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cpu", "cuda")}
+# argument names, in the ops' positional order
+ARG_NAMES = {
+    "dwconv_ln": ("x", "conv_weight", "conv_bias", "ln_weight", "ln_bias"),
+    "mlp": ("y", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "gamma", "residual"),
+    "mlp_grn": ("y", "fc1_weight", "fc1_bias", "grn_weight", "grn_bias", "fc2_weight", "fc2_bias",
+                "residual"),
+}
+
+
+def backend_params(op: str) -> List:
+    """pytest params ``(backend, device)`` for every backend registered for ``op``."""
+    out = []
+    for b in backends.BACKENDS:
+        if b not in backends._REGISTRY[op]:
+            continue
+        for d in _DEVICES[b]:
+            out.append(pytest.param(b, d, id=f"{b}-{d}", marks=[needs_gpu] if d == "cuda" else []))
+    return out
+
+
+def op_backend_params(ops_: Sequence[str] = OPS) -> List:
+    """pytest params ``(op, backend, device)`` over ``ops_`` x their backends."""
+    return [pytest.param(op, *p.values, id=f"{op}-{p.id}", marks=p.marks)
+            for op in ops_ for p in backend_params(op)]
+
+
+def skip_unless_runs(op: str, backend: str, args) -> None:
+    """Skip (with the registry's reason) when ``backend`` cannot run this call at all here, e.g.
+    the extension is not built. A backend that can run must then pass the test."""
+    reason = backends._why_not(op, backend, _full(op, args), {})
+    if reason is not None:
+        pytest.skip(f"{op} on {backend}: {reason}")
+
+
+_DEFAULTS = {"dwconv_ln": (None,) * 5 + (1e-6,), "mlp": (None,) * 7, "mlp_grn": (None,) * 8 + (1e-6,)}
+
+
+def _full(op, args):
+    """``args`` completed with the trailing defaults, as the backends' ``supports`` takes them."""
+    return tuple(args) + _DEFAULTS[op][len(args):]
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0):
+    return (scale * torch.randn(*shape)).to(device=device, dtype=dtype)
+
+
+def dw_inputs(N=2, C=8, H=5, W=6, k=3, dtype=torch.float32, device="cpu", bias=True):
+    """(x [N,C,H,W] channels-last, conv_weight [C,1,k,k], conv_bias [C] or None, ln_weight, ln_bias)."""
+    x = rand(N, C, H, W, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+    return [x, rand(C, 1, k, k, dtype=dtype, device=device, scale=1 / k),
+            rand(C, dtype=dtype, device=device) if bias else None,
+            (1 + rand(C, scale=0.5)).to(device, dtype), rand(C, dtype=dtype, device=device, scale=0.5)]
+
+
+def mlp_inputs(N=2, C=8, H=3, W=3, D=None, dtype=torch.float32, device="cpu", bias=True,
+               gamma=True, residual=True):
+    """(y, fc1_weight [D,C], fc1_bias, fc2_weight [C,D], fc2_bias, gamma [C], residual), D = 4C."""
+    D = D or 4 * C
+    y = rand(N, C, H, W, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+    res = rand(N, C, H, W, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+    return [y, rand(D, C, dtype=dtype, device=device, scale=C ** -0.5),
+            rand(D, dtype=dtype, device=device) if bias else None,
+            rand(C, D, dtype=dtype, device=device, scale=D ** -0.5),
+            rand(C, dtype=dtype, device=device) if bias else None,
+            rand(C, dtype=dtype, device=device) if gamma else None, res if residual else None]
+
+
+def grn_inputs(N=2, C=8, H=3, W=3, D=None, dtype=torch.float32, device="cpu", bias=True,
+               residual=True, **_):
+    """(y, fc1_weight, fc1_bias, grn_weight [D], grn_bias [D], fc2_weight, fc2_bias, residual)."""
+    y, w1, b1, w2, b2, _, res = mlp_inputs(N, C, H, W, D, dtype, device, bias, False, residual)
+    D = w1.shape[0]
+    return [y, w1, b1, rand(D, dtype=dtype, device=device), rand(D, dtype=dtype, device=device),
+            w2, b2, res]
+
+
+def inputs(op: str, N=2, C=8, H=3, W=3, dtype=torch.float32, device="cpu", **kw):
+    """Fresh random inputs of ``op`` (k for dwconv_ln; D, bias, gamma, residual for the MLPs)."""
+    if op == "dwconv_ln":
+        kw.pop("D", None)
+        kw.pop("gamma", None)
+        kw.pop("residual", None)
+        return dw_inputs(N, C, H, W, dtype=dtype, device=device, **kw)
+    kw.pop("k", None)
+    if op == "mlp":
+        return mlp_inputs(N, C, H, W, dtype=dtype, device=device, **kw)
+    kw.pop("gamma", None)
+    return grn_inputs(N, C, H, W, dtype=dtype, device=device, **kw)
+
+
+def call(op: str, args, backend: Optional[str] = None) -> torch.Tensor:
+    return getattr(ops, op)(*args, backend=backend)
+
+
+def ref(op: str, args) -> torch.Tensor:
+    """The torch reference (PyTorch's own kernels) in the inputs' dtype."""
+    return getattr(reference, op)(*args)
+
+
+def as64(args):
+    return [t.detach().double() if isinstance(t, torch.Tensor) else t for t in args]
+
+
+def leaves(args, which=None):
+    """``args`` as new leaves (detached aliases: same memory and strides, so views stay views);
+    those at positions ``which`` (default: every tensor) require grad."""
+    out = []
+    for i, t in enumerate(args):
+        if isinstance(t, torch.Tensor):
+            t = t.detach()
+            if which is None or i in which:
+                t.requires_grad_()
+        out.append(t)
+    return out
+
+
+def grads64(op, args, grad_out):
+    """fp64 reference gradients w.r.t. every tensor of ``args`` that requires grad (None elsewhere)."""
+    a64 = [t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+           for t in args]
+    live = [t for t in a64 if isinstance(t, torch.Tensor) and t.requires_grad]
+    got = iter(torch.autograd.grad(ref(op, a64), live, grad_out.double()))
+    return [next(got) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in a64]
+
+
+def check_output(op, out, args, name=None):
+    """``out`` against the fp64 reference under the project's parity rule."""
+    name = name or op
+    want = ref(op, as64(args))
+    if out.dtype in (torch.float32, torch.float64):
+        assert_parity(out, want, name=name)
+    else:
+        assert_parity(out, want, ref(op, [t.detach() if isinstance(t, torch.Tensor) else t
+                                          for t in args]), name=name)
+
+
+def check_grads(op, args, grad_out, names=None):
+    """fp32 gradients of the leaves in ``args`` against the fp64 reference (relative to scale);
+    a leaf that does not require grad must have no gradient."""
+    names = names or ARG_NAMES[op]
+    want = grads64(op, args, grad_out)
+    for nm, t, w in zip(names, args, want):
+        if not isinstance(t, torch.Tensor):
+            continue
+        if w is None:
+            assert t.grad is None, f"d{nm}: a gradient for an input that does not require grad"
+            continue
+        assert t.grad is not None, f"d{nm}: missing gradient"
+        assert t.grad.shape == t.shape, f"d{nm}: shape {tuple(t.grad.shape)} != {tuple(t.shape)}"
+        assert_fp32(t.grad, w, name=f"{op} d{nm}", rtol=2e-5, atol=1e-6)
