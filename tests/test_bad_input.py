@@ -423,3 +423,69 @@ def test_cpu_dwconv_ln_beyond_2_pow_31_elements():
     assert_parity(y[N - 2:N - 1, :, 500:501, 500:501],
                   reference.dwconv_ln(*(t.double() for t in (zero, w, b, lw, lb))),
                   reference.dwconv_ln(zero, w, b, lw, lb), name="a zero image")
+
+
+# ------------------------------------------------------------------------------------------------
+# Models: the input is checked once, at the entry, with errors that name x
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def atto():
+    import convnext_fast
+
+    torch.manual_seed(0)
+    return convnext_fast.convnext_atto(num_classes=5).eval()
+
+
+@pytest.mark.parametrize("features_only", [False, True])
+def test_model_input_errors_name_x(atto, features_only):
+    import convnext_fast
+
+    model = (convnext_fast.create_model("convnext_atto", features_only=True).eval()
+             if features_only else atto)
+    cases = [
+        (torch.randn(3, 32, 32), ValueError, r"x must have shape \[N, 3, H, W\] \(in_chans=3\), got \[3, 32, 32\]"),
+        (torch.randn(1, 4, 32, 32), ValueError, r"x must have shape \[N, 3, H, W\] \(in_chans=3\), got \[1, 4, 32, 32\]"),
+        (torch.randn(1, 3, 31, 64), ValueError, r"x must be at least 32x32 pixels .*got 31x64"),
+        (torch.randn(1, 3, 32, 32, device="meta"), ValueError, "x is on meta but the model is on cpu"),
+        (torch.randn(1, 3, 32, 32).double(), TypeError,
+         "x has dtype torch.float64 but the model's parameters have torch.float32"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError, "x must be a floating-point tensor, got torch.uint8"),
+        (torch.randn(1, 3, 32, 32).numpy(), TypeError, "x must be a torch.Tensor, got ndarray"),
+    ]
+    for x, exc, msg in cases:
+        with pytest.raises(exc, match="ConvNeXt: " + msg):
+            model(x)
+    if not features_only:
+        with pytest.raises(ValueError, match=r"ConvNeXt: x must have shape \[N, 3, H, W\]"):
+            model.forward_intermediates(torch.randn(2, 32, 32))
+
+
+def test_model_low_precision_input_under_autocast_is_fine(atto):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = atto(x.bfloat16())
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+def test_model_empty_batch_forward_and_backward():
+    import convnext_fast
+
+    model = convnext_fast.convnext_atto(num_classes=5).train()
+    x = torch.randn(0, 3, 32, 32, requires_grad=True)
+    out = model(x)
+    assert out.shape == (0, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
+
+
+def test_model_nchw_and_channels_last_input_agree(atto):
+    """The layout is converted once at the entry, so both give the same bits."""
+    x = torch.randn(2, 3, 40, 36)
+    with torch.no_grad():
+        a = atto(x)
+        b = atto(x.contiguous(memory_format=torch.channels_last))
+        c = atto(torch.randn(2, 3, 40, 72)[..., ::2].copy_(x))  # a strided view
+    assert torch.equal(a, b) and torch.equal(a, c)

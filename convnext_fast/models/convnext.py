@@ -402,6 +402,38 @@ def _feature_take_indices(num_features: int, indices: Optional[Union[int, Sequen
     return take, max(take)
 
 
+def _input_reduction(stem_conv: nn.Conv2d, stages) -> int:
+    """How many times the stem and the stages' downsamples shrink the input (32 for ConvNeXt)."""
+    r = stem_conv.stride[0]
+    for stage in stages:
+        if isinstance(stage.downsample, nn.Sequential):
+            r *= stage.downsample[1].stride[0]
+    return r
+
+
+def _check_image(x, stem_conv: nn.Conv2d, stages) -> None:
+    """``x`` must be a float ``[N, in_chans, H, W]`` batch, H and W at least the trunk's reduction,
+    on the parameters' device and (outside autocast) in their dtype. Each error names ``x`` and
+    what was expected, instead of an error from deep inside a convolution."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"ConvNeXt: x must be a torch.Tensor, got {type(x).__name__}")
+    c_in, param = stem_conv.in_channels, stem_conv.weight
+    if x.dim() != 4 or x.shape[1] != c_in:
+        raise ValueError(f"ConvNeXt: x must have shape [N, {c_in}, H, W] (in_chans={c_in}), "
+                         f"got {list(x.shape)}")
+    r = _input_reduction(stem_conv, stages)
+    if x.shape[2] < r or x.shape[3] < r:
+        raise ValueError(f"ConvNeXt: x must be at least {r}x{r} pixels (the trunk downsamples "
+                         f"{r}x), got {x.shape[2]}x{x.shape[3]}")
+    if x.device != param.device:
+        raise ValueError(f"ConvNeXt: x is on {x.device} but the model is on {param.device}")
+    if not x.is_floating_point():
+        raise TypeError(f"ConvNeXt: x must be a floating-point tensor, got {x.dtype}")
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"ConvNeXt: x has dtype {x.dtype} but the model's parameters have "
+                        f"{param.dtype}; cast one of them, or run under torch.autocast")
+
+
 def _to_4tuple(v) -> Tuple[int, int, int, int]:
     if isinstance(v, int):
         return (v,) * 4
@@ -494,8 +526,12 @@ class ConvNeXt(nn.Module):
     ):
         super().__init__()
         if output_stride != 32:
-            raise NotImplementedError(f"ConvNeXt: output_stride={output_stride} (dilated stages) is not "
-                                      "supported; only 32")
+            raise NotImplementedError(
+                f"ConvNeXt: output_stride={output_stride} (dilated stages) is not supported; only 32 "
+                "(the fused dwconv_ln has no dilation). For a dilated ConvNeXt create the timm model "
+                f"(timm.create_model(..., output_stride={output_stride})) and call "
+                "convnext_fast.patch_timm(model): its undilated blocks then run on the fused ops and "
+                "the report lists the dilated ones, which keep timm's forward")
         if stem_type != "patch":
             raise NotImplementedError(f"ConvNeXt: stem_type={stem_type!r} is not supported; only 'patch'")
         if head_norm_first:
@@ -593,6 +629,7 @@ class ConvNeXt(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         intermediates = []
         take_indices, max_index = _feature_take_indices(len(self.stages), indices)
+        _check_image(x, self.stem[0], self.stages)
         x = x.contiguous(memory_format=_CL)
         x = self.stem(x)
         last_idx = len(self.stages) - 1
@@ -625,6 +662,7 @@ class ConvNeXt(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        _check_image(x, self.stem[0], self.stages)
         x = x.contiguous(memory_format=_CL)  # the one layout conversion of the trunk
         x = self.stem(x)
         x = self.stages(x)
@@ -692,6 +730,7 @@ class ConvNeXtFeatures(nn.Module):
             getattr(self, f"stages_{i}").grad_checkpointing = enable
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        _check_image(x, self.stem_0, [getattr(self, f"stages_{i}") for i in range(self._num_stages)])
         x = x.contiguous(memory_format=_CL)
         x = self.stem_1(self.stem_0(x))
         out = []
