@@ -1,30 +1,57 @@
-"""dwconv_ln per backend vs eager PyTorch (the reference: cuDNN/ATen conv + LayerNorm)."""
+"""dwconv_ln per backend vs eager PyTorch (cuDNN/ATen depthwise conv + LayerNorm) and
+torch.compile of it, forward and forward+backward; bytes counted for GB/s."""
 import pytest
 import torch
 
-from convnext_fast import backends, ops
+from convnext_fast import backends, ops, reference
 
 # ConvNeXt-T stage shapes (C, H=W) at 224px.
 STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]
+PROVIDERS = [*backends.BACKENDS, "torch_compile"]
 
 
-def _bytes(N, C, H, W, dtype):
-    return 2 * N * C * H * W * torch.finfo(dtype).bits // 8  # read x once, write y once
+def _bytes(N, C, H, W, dtype, mode):
+    # forward: read x, write y; backward: read x and dy, write dx (parameter traffic is negligible)
+    tensors = 2 if mode == "fwd" else 5
+    return tensors * N * C * H * W * torch.finfo(dtype).bits // 8
 
 
-@pytest.mark.parametrize("backend", backends.BACKENDS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: f"C{s[0]}")
-def test_dwconv_ln_fwd(run, full, device, stage, dtype, backend):
+def test_dwconv_ln(run, full, device, bench_options, stage, dtype, provider, mode):
     C, H = stage
+    if not full and (C, H) != STAGES[0]:
+        pytest.skip("smoke mode runs the first stage shape only")
+    if not full and provider == "torch_compile":
+        pytest.skip("torch.compile is timed only with --benchmark")
     N = (128 if device == "cuda" else 8) if full else 1
     H = H if full else 7
+    train = mode != "fwd"
+    t = lambda *s: torch.randn(*s, device=device, dtype=dtype, requires_grad=train)  # noqa: E731
     x = torch.randn(N, C, H, H, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    args = (x, torch.randn(C, 1, 7, 7, device=device, dtype=dtype), torch.randn(C, device=device, dtype=dtype),
-            torch.randn(C, device=device, dtype=dtype), torch.randn(C, device=device, dtype=dtype), 1e-6)
-    try:
-        backends.select("dwconv_ln", x.device, backend, args, {})
-    except backends.BackendError as e:
-        pytest.skip(str(e))
-    run(lambda: ops.dwconv_ln(*args, backend=backend), bytes=_bytes(N, C, H, H, dtype),
-        backend=backend, shape=[N, C, H, H])
+    x.requires_grad_(train)
+    args = (x, t(C, 1, 7, 7), t(C), t(C), t(C), 1e-6)
+    if provider == "torch_compile":
+        op = torch.compile(reference.dwconv_ln, mode=bench_options["compile_mode"])
+    else:
+        try:
+            backends.select("dwconv_ln", x.device, provider, args, {})
+        except backends.BackendError as e:
+            pytest.skip(str(e))
+        op = lambda *a: ops.dwconv_ln(*a, backend=provider)  # noqa: E731
+    grad = torch.randn_like(x)
+
+    def step():
+        if not train:
+            with torch.no_grad():
+                return op(*args)
+        for a in args[:5]:
+            a.grad = None
+        y = op(*args)
+        y.backward(grad)
+        return y
+
+    run(step, kind="op", case=f"dwconv_ln {mode} {str(dtype)[6:]} {[N, C, H, H]}", provider=provider,
+        bytes=_bytes(N, C, H, H, dtype, mode))

@@ -1,31 +1,64 @@
-"""Whole-model inference: convnext_fast vs timm eager vs torch.compile of timm."""
+"""Whole models, inference and a training step (forward + backward), for every provider:
+timm eager, torch.compile of timm (max-autotune on GPU), timm patched by convnext_fast.patch_timm,
+convnext_fast on automatic backends and on each backend (convnext_fast.bench.PROVIDERS).
+Same dtype, channels-last input, one set of weights; parity of the logits is asserted."""
+import os
+
 import pytest
 import torch
 
-timm = pytest.importorskip("timm")
+pytest.importorskip("timm")
 
-import convnext_fast  # noqa: E402
+from convnext_fast.bench import PROVIDERS, make_reference, make_runner, provider_unavailable  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+MODELS = ["convnext_tiny", "convnext_base", "convnextv2_tiny"]
+SMOKE_MODEL = {"convnext_tiny": "convnext_atto", "convnextv2_tiny": "convnextv2_atto"}
+BATCHES = [1, 32, 256] if CUDA else [1, 8]
+DTYPES = ["bf16"] if CUDA else ["fp32", "bf16"]
+_REFS = {}
 
 
-@pytest.fixture(scope="module")
-def models(full, device):
-    name = "convnext_tiny" if full else "convnext_atto"
-    torch.manual_seed(0)
-    ref = timm.create_model(name, pretrained=False).eval().to(device, memory_format=torch.channels_last)
-    return name, ref, convnext_fast.from_timm(ref).eval()
+def _reference(name, device, dtype):
+    key = (name, device, dtype)
+    if key not in _REFS:
+        _REFS.clear()  # one model at a time: convnext_base in fp32 is large
+        _REFS[key] = make_reference(name, device, dtype)
+    return _REFS[key]
 
 
-@pytest.mark.parametrize("provider", ["timm", "timm_compile", "convnext_fast"])
-@pytest.mark.parametrize("batch", [1, 8])
-def test_model_inference(run, full, device, models, provider, batch):
-    name, ref, ours = models
-    if provider == "timm_compile" and not full:
-        pytest.skip("torch.compile is timed only with --benchmark (compiling takes minutes on CPU)")
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("mode", ["inference", "train"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", MODELS)
+def test_model(run, full, device, bench_options, model, dtype, mode, batch, provider):
+    if bench_options["models"] and model not in bench_options["models"]:
+        pytest.skip("not selected by --bench-model")
+    if bench_options["batches"] and batch not in bench_options["batches"]:
+        pytest.skip("not selected by --bench-batch")
+    if not full:
+        if model not in SMOKE_MODEL or batch != 1:
+            pytest.skip("smoke mode runs the atto models at batch 1 only")
+        if "compile" in provider:
+            pytest.skip("torch.compile is timed only with --benchmark (compiling takes minutes on CPU)")
+        if provider == "convnext_fast:triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.skip("the Triton interpreter takes minutes per model; the op smoke tests cover it")
+        model = SMOKE_MODEL[model]
+    why = provider_unavailable(provider, device, dtype)
+    if why:
+        pytest.skip(why)
     res = 224 if full else 32
-    x = torch.randn(batch, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
-    model = {"timm": ref, "convnext_fast": ours}.get(provider) or torch.compile(ref)
+    ref = _reference(model, device, dtype)
+    x = torch.randn(batch, 3, res, res, device=device, dtype=ref.stem[0].weight.dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    ref.eval()
     with torch.inference_mode():
-        if provider == "convnext_fast":
-            scale = ref(x).abs().max()
-            assert (ours(x) - ref(x)).abs().max() <= 1e-4 * scale
-        run(lambda: model(x), model=name, batch=batch, provider=provider)
+        base = ref(x).float()
+    step = make_runner(provider, ref, x, mode, bench_options["compile_mode"])
+    out = step().float()
+    bound = 1e-4 if dtype == "fp32" else 5e-2
+    err = (out - base).abs().max().item() / base.abs().max().item()
+    assert err <= bound, f"{provider}: logits differ from timm by {err:.3g} of max |logit|"
+    run(step, kind="model", case=f"{model} {mode} {dtype} b{batch} {res}px", provider=provider,
+        batch=batch, max_err_vs_timm=err)

@@ -4,6 +4,8 @@
 # model benchmark. Logs and JSON go to benchmarks/results/ and, when $OUT is set, to $OUT too.
 #   COMPILE_MODE   torch.compile mode for the timm baseline (default max-autotune)
 #   MODEL_BATCHES  batch sizes of the model benchmark (default "1 32 256")
+#   BENCH_ARGS     extra pytest-benchmark suite options (default: --bench-model convnext_tiny, since
+#                  every max-autotune compile of every model, mode and batch takes over an hour)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -27,7 +29,7 @@ step "ceilings"
 python benchmarks/ceilings.py --json "$OUTDIR/ceilings.json" || status=1
 
 step "op and model benchmarks (pytest-benchmark)"
-python -m pytest benchmarks --benchmark -q -p no:cacheprovider \
+python -m pytest benchmarks --benchmark -q -p no:cacheprovider ${BENCH_ARGS:---bench-model convnext_tiny} \
   --benchmark-json="$OUTDIR/bench_pytest.json" --benchmark-columns=median,iqr,rounds || status=1
 
 for dtype in bf16 fp32; do

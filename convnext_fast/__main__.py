@@ -14,6 +14,7 @@ def _info(_args) -> int:
     from rich.table import Table
 
     from . import _ext, backends, ops  # noqa: F401  (ops registers the backends)
+    from .bench import probe_args
 
     console = Console()
     versions = {"python": platform.python_version(), "torch": torch.__version__}
@@ -57,7 +58,7 @@ def _info(_args) -> int:
         auto.add_column(col)
     for dev in devices:
         for dt in (torch.float32, torch.bfloat16):
-            for op, args in _probe_args(dev, dt).items():
+            for op, args in probe_args(dev, dt).items():
                 try:
                     name, _ = backends.select(op, torch.device(dev), "auto", args, {})
                     skipped = "; ".join(f"{b}: {r}" for b, r in backends.last_selections()[op][1])
@@ -66,17 +67,6 @@ def _info(_args) -> int:
                 auto.add_row(dev, str(dt).replace("torch.", ""), op, name, skipped or "-")
     console.print(auto)
     return 0
-
-
-def _probe_args(device, dtype):
-    C, D = 384, 1536
-    t = lambda *s: torch.empty(*s, device=device, dtype=dtype)  # noqa: E731
-    y = t(2, C, 14, 14).contiguous(memory_format=torch.channels_last)
-    return {
-        "dwconv_ln": (y, t(C, 1, 7, 7), t(C), t(C), t(C), 1e-6),
-        "mlp": (y, t(D, C), t(D), t(C, D), t(C), t(C), y),
-        "mlp_grn": (y, t(D, C), t(D), t(D), t(D), t(C, D), t(C), y, 1e-6),
-    }
 
 
 def _bench(args) -> int:

@@ -1,11 +1,14 @@
 """Benchmark harness shared by ``python -m convnext_fast bench`` and ``benchmarks/``.
 
-Times whole models for several providers (timm eager, ``torch.compile`` of timm, convnext_fast)
-in one process, same device, dtype and channels-last input, and checks parity against timm.
+Times whole models for several providers (timm eager, ``torch.compile`` of timm, timm patched by
+:func:`convnext_fast.patch_timm`, convnext_fast on automatic or forced backends) in one process,
+same device, dtype and channels-last input, inference or a training step, and checks parity
+against timm.
 GPU timings synchronize around every timed call; CPU timings use the same harness.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -17,7 +20,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["environment", "time_callable", "ModelResult", "bench_model", "DTYPES"]
+__all__ = ["environment", "time_callable", "ModelResult", "PROVIDERS", "make_reference", "make_runner",
+           "provider_unavailable", "bench_model", "write_json", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -78,61 +82,151 @@ class ModelResult:
     resolution: int
     ms: float
     img_per_s: float
+    mode: str = "inference"  # or "train": forward + backward of a mean-of-logits loss
     max_err_vs_timm: Optional[float] = None  # max |logit diff| / max |timm logit|
     speedup_vs_eager: Optional[float] = None
     speedup_vs_compile: Optional[float] = None
+    peak_mem_mb: Optional[float] = None  # CUDA only: peak allocated during the timed calls
     samples_ms: List[float] = field(default_factory=list)
+
+
+# "timm": eager timm; "timm_compile": torch.compile of it; "timm_patched": the same timm model
+# after convnext_fast.patch_timm; "convnext_fast": the native model, automatic backends;
+# "convnext_fast:<backend>": the native model with every op that backend has forced onto it.
+PROVIDERS = ("timm", "timm_compile", "timm_patched", "convnext_fast",
+             *(f"convnext_fast:{b}" for b in ("torch", "cpu", "cuda", "triton")))
+
+
+def make_reference(model: str, device: str, dtype: str) -> torch.nn.Module:
+    """timm's ``model`` with its init (seed 0), non-trivial layer scale / GRN, channels-last."""
+    import timm
+
+    torch.manual_seed(0)
+    ref = timm.create_model(model, pretrained=False)
+    # timm initialises gamma to 1e-6 and GRN to 0, which would hide the blocks from parity.
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.0)
+            elif ".grn." in name:
+                p.normal_(0.0, 0.1)
+    return ref.to(device=device, dtype=DTYPES[dtype], memory_format=torch.channels_last)
+
+
+def probe_args(device: str, dtype: torch.dtype) -> Dict[str, tuple]:
+    """Arguments of each op at a ConvNeXt-T stage-3 shape (batch 2), to ask a backend about."""
+    C, D = 384, 1536
+    t = lambda *s: torch.empty(*s, device=device, dtype=dtype)  # noqa: E731
+    y = t(2, C, 14, 14).contiguous(memory_format=torch.channels_last)
+    return {
+        "dwconv_ln": (y, t(C, 1, 7, 7), t(C), t(C), t(C), 1e-6),
+        "mlp": (y, t(D, C), t(D), t(C, D), t(C), t(C), y),
+        "mlp_grn": (y, t(D, C), t(D), t(D), t(D), t(C, D), t(C), y, 1e-6),
+    }
+
+
+def provider_unavailable(provider: str, device: str, dtype: str = "fp32") -> Optional[str]:
+    """Why ``provider`` cannot run on ``device`` in ``dtype`` (None when it can)."""
+    if provider not in PROVIDERS:
+        return f"unknown provider {provider!r}; expected one of {PROVIDERS}"
+    if provider.startswith("convnext_fast:"):
+        from . import backends
+
+        backend = provider.split(":")[1]
+        if not _backend_ops(backend):
+            return f"backend {backend}: {backends.available('dwconv_ln', backend)}"
+        args = probe_args(device, DTYPES[dtype])["dwconv_ln"]
+        try:
+            backends.select("dwconv_ln", torch.device(device), backend, args, {})
+        except backends.BackendError as e:
+            return str(e)
+    return None
+
+
+def _backend_ops(backend: str) -> Dict[str, str]:
+    from . import backends, ops  # noqa: F401  (ops registers the backends)
+
+    return {op: backend for op in ("dwconv_ln", "mlp", "mlp_grn") if backends.available(op, backend) is None}
+
+
+def make_runner(provider: str, ref: torch.nn.Module, x: torch.Tensor, mode: str = "inference",
+                compile_mode: Optional[str] = None) -> Callable[[], torch.Tensor]:
+    """A zero-argument callable running one inference or training step of ``provider``.
+
+    ref: the timm model (shared by "timm" and "timm_compile"; the other providers copy it), on
+    x's device and dtype. Returns the logits (training: after backward of their mean).
+    """
+    import copy
+
+    from . import backends, from_timm, patch_timm
+
+    training = mode == "train"
+    if provider in ("timm", "timm_compile"):
+        model = ref
+    elif provider == "timm_patched":
+        model = copy.deepcopy(ref)
+        patch_timm(model)
+    else:
+        model = from_timm(ref)
+    model.train(training)
+    if provider == "timm_compile":
+        model = torch.compile(model, mode=compile_mode or ("max-autotune" if x.is_cuda else None))
+    mapping = _backend_ops(provider.split(":")[1]) if ":" in provider else None
+
+    def step() -> torch.Tensor:
+        ctx = backends.use_backend(mapping) if mapping else contextlib.nullcontext()
+        with ctx:
+            if not training:
+                with torch.inference_mode():
+                    return model(x)
+            for p in model.parameters():
+                p.grad = None
+            out = model(x)
+            out.float().mean().backward()
+            return out.detach()
+
+    return step
 
 
 def bench_model(model: str = "convnext_tiny", device: str = "cpu", dtype: str = "fp32",
                 batch: int = 8, resolution: int = 224, warmup: int = 2, iters: int = 5,
                 providers=("timm", "timm_compile", "convnext_fast"), compile_mode: Optional[str] = None,
-                progress: Optional[Callable[[str], None]] = None) -> List[ModelResult]:
-    """Inference throughput of ``model`` per provider, with parity against timm eager.
+                mode: str = "inference", progress: Optional[Callable[[str], None]] = None
+                ) -> List[ModelResult]:
+    """Throughput of ``model`` per provider (inference, or a training step with ``mode="train"``),
+    with parity of the logits against timm eager.
 
-    All providers share one set of random weights (timm's init, seed 0) and one input.
+    All providers share one set of random weights (timm's init, seed 0) and one input. A provider
+    that cannot run here is left out (``provider_unavailable`` says why).
     """
-    import timm
-
-    from . import from_timm
-
     say = progress or (lambda msg: None)
-    dt = DTYPES[dtype]
-    torch.manual_seed(0)
-    ref = timm.create_model(model, pretrained=False).eval()
-    # Non-trivial layer scale so the blocks matter (timm initialises gamma to 1e-6).
-    for name, p in ref.named_parameters():
-        if name.endswith("gamma"):
-            torch.nn.init.uniform_(p, 0.5, 1.0)
-    ref = ref.to(device=device, dtype=dt, memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, resolution, resolution, device=device, dtype=dt)
+    ref = make_reference(model, device, dtype)
+    x = torch.randn(batch, 3, resolution, resolution, device=device, dtype=DTYPES[dtype])
     x = x.contiguous(memory_format=torch.channels_last)
-
-    runners: Dict[str, Callable[[], torch.Tensor]] = {}
-    runners["timm"] = lambda: ref(x)  # the parity baseline; timed only if asked for
-    if "timm_compile" in providers:
-        mode = compile_mode or ("max-autotune" if device.startswith("cuda") else None)
-        compiled = torch.compile(ref, mode=mode)
-        runners["timm_compile"] = lambda: compiled(x)
-    if "convnext_fast" in providers:
-        ours = from_timm(ref).eval()
-        runners["convnext_fast"] = lambda: ours(x)
+    cuda = device.startswith("cuda")
 
     results: Dict[str, ModelResult] = {}
+    ref.eval()
     with torch.inference_mode():
         base = ref(x).float()
-        scale = base.abs().max().item()
-        for name, fn in runners.items():
-            if name not in providers:
-                continue
-            say(f"{model} {dtype} batch {batch}: {name} (warm-up{' + compile' if 'compile' in name else ''})")
-            out = fn().float()
-            err = (out - base).abs().max().item() / max(scale, 1e-12)
-            samples = time_callable(fn, device, warmup, iters)
-            ms = statistics.median(samples) * 1e3
-            results[name] = ModelResult(name, model, dtype, batch, resolution, ms,
-                                        batch / (ms / 1e3), err,
-                                        samples_ms=[s * 1e3 for s in samples])
+    scale = base.abs().max().item()
+    for name in providers:
+        why = provider_unavailable(name, device, dtype)
+        if why:
+            say(f"{name}: skipped ({why})")
+            continue
+        say(f"{model} {dtype} {mode} batch {batch}: {name} (warm-up{' + compile' if 'compile' in name else ''})")
+        fn = make_runner(name, ref, x, mode, compile_mode)
+        out = fn().float()
+        err = (out - base).abs().max().item() / max(scale, 1e-12)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            start_mem = torch.cuda.memory_allocated(device)
+        samples = time_callable(fn, device, warmup, iters)
+        peak = (torch.cuda.max_memory_allocated(device) - start_mem) / 2**20 if cuda else None
+        ms = statistics.median(samples) * 1e3
+        results[name] = ModelResult(name, model, dtype, batch, resolution, ms, batch / (ms / 1e3), mode,
+                                    err, peak_mem_mb=peak, samples_ms=[s * 1e3 for s in samples])
     eager = results.get("timm")
     comp = results.get("timm_compile")
     for r in results.values():
