@@ -19,6 +19,20 @@ TORCH_LIBRARY(convnext_fast, m) {
   m.def(
       "dwconv_ln_bwd(Tensor grad_y, Tensor x, Tensor conv_weight, Tensor? conv_bias, "
       "Tensor ln_weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // out = residual + gamma * fc2(gelu_erf(fc1(y))), per pixel over channels: y, residual and
+  // out are channels_last [N, C, H, W]; fc1_weight [D, C], fc1_bias [D], fc2_weight [C, D],
+  // fc2_bias, gamma [C]; the optional ones may be None (no bias, no layer scale, no residual).
+  m.def(
+      "mlp(Tensor y, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+      "Tensor? gamma, Tensor? residual) -> Tensor");
+  // Gradients of mlp (the hidden is recomputed from y): (dy [N, C, H, W] channels_last,
+  // d_fc1_weight [D, C], d_fc1_bias [D], d_fc2_weight [C, D], d_fc2_bias [C], d_gamma [C]), in the
+  // parameters' dtype. Every one is always computed (the bias and gamma gradients as if the
+  // parameter were there: d_gamma for gamma = 1); the caller drops those of absent arguments. The
+  // residual's gradient is grad_out itself and is not an output.
+  m.def(
+      "mlp_bwd(Tensor grad_out, Tensor y, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+      "Tensor? fc2_bias, Tensor? gamma) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef CONVNEXT_FAST_ARCH_LIST

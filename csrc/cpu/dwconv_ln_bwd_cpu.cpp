@@ -17,6 +17,7 @@
 // block owns its partial sums (accumulated in a fixed order), and the partials are added block by
 // block at the end. No result depends on the thread count or on which thread ran a block.
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -301,6 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln
     const std::optional<at::Tensor>& conv_bias, const at::Tensor& ln_weight,
     const at::Tensor& mean, const at::Tensor& rstd) {
   constexpr const char* op = "dwconv_ln_bwd";
+  at::AutoDispatchBelowADInplaceOrView guard;  // inputs may require grad (double backward off)
   const int64_t k = check_dwconv_ln_bwd(grad_y, x, conv_weight, conv_bias, ln_weight, mean, rstd);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor dx, dw, db, dlw, dlb;

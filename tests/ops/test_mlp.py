@@ -1,0 +1,208 @@
+"""mlp on the extension's C++ CPU kernel (``convnext_fast::mlp`` / ``mlp_bwd``) against the fp64
+reference, forward and backward; opcheck, gradcheck, determinism, and a compiled model on it.
+
+Cases cover odd C (not a multiple of the vector width), N = 1, H*W = 1, gamma / biases / residual
+None, and M = N*H*W above the tile size (several tiles, in parallel, and several backward chunks).
+"""
+import pytest
+import torch
+
+from convnext_fast import _ext, backends, ops, reference
+from convnext_fast.testing import assert_fp32, assert_parity
+
+if _ext.load() is None:
+    pytest.skip(f"extension not built: {_ext.error()}", allow_module_level=True)
+if backends.available("mlp", "cpu") is not None:
+    pytest.skip(f"cpu mlp: {backends.available('mlp', 'cpu')}", allow_module_level=True)
+
+CL = torch.channels_last
+NAMES = ("dy", "d_fc1_weight", "d_fc1_bias", "d_fc2_weight", "d_fc2_bias", "d_gamma", "d_residual")
+
+
+def make_inputs(N, C, H, W, dtype, bias=True, gamma=True, residual=True):
+    D = 4 * C
+
+    def t(*shape, scale=1.0):
+        return (scale * torch.randn(*shape)).to(dtype)
+
+    y = t(N, C, H, W).contiguous(memory_format=CL)
+    w1 = t(D, C, scale=C ** -0.5)
+    b1 = t(D, scale=0.5) if bias else None
+    w2 = t(C, D, scale=D ** -0.5)
+    b2 = t(C, scale=0.5) if bias else None
+    g = t(C) if gamma else None
+    r = t(N, C, H, W).contiguous(memory_format=CL) if residual else None
+    return [y, w1, b1, w2, b2, g, r]
+
+
+def to64(t):
+    return None if t is None else t.detach().double()
+
+
+def grads(fn, args, grad_out):
+    """Gradients of fn(*args) for every tensor argument (None where the argument is None)."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in args]
+    out = fn(*leaves)
+    live = [t for t in leaves if t is not None]
+    got = iter(torch.autograd.grad(out, live, grad_out))
+    return out, [next(got) if t is not None else None for t in leaves]
+
+
+def cpu_mlp(*args):
+    return ops.mlp(*args, backend="cpu")
+
+
+# (N, C, H, W, bias, gamma, residual)
+CASES = [
+    (2, 96, 7, 7, True, True, True),
+    (1, 13, 3, 5, True, True, True),      # odd C, N = 1
+    (2, 40, 9, 11, False, True, False),   # no biases, no residual
+    (1, 136, 1, 1, True, False, True),    # one pixel, no gamma
+    (2, 24, 17, 16, True, True, True),    # M = 544: several tiles and backward chunks
+    (3, 192, 2, 3, False, False, False),  # the bare branch
+]
+
+
+def _id(c):
+    return f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-b{int(c[4])}g{int(c[5])}r{int(c[6])}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_fp32_matches_reference(case):
+    args = make_inputs(*case[:4], torch.float32, *case[4:])
+    gout = torch.randn(args[0].shape).contiguous(memory_format=CL)
+    out, got = grads(cpu_mlp, args, gout)
+    assert out.is_contiguous(memory_format=CL)
+    ref, want = grads(reference.mlp, [to64(t) for t in args], gout.double())
+    assert_fp32(out, ref, name=f"out{case}", rtol=2e-6)
+    for name, g, w in zip(NAMES, got, want):
+        assert (g is None) == (w is None), name
+        if w is not None:
+            assert g.dtype == torch.float32
+            assert_fp32(g, w, name=f"{name}{case}", rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES[:3] + CASES[4:5], ids=_id)
+def test_low_precision_within_2x_pytorch(case, dtype):
+    args = make_inputs(*case[:4], dtype, *case[4:])
+    gout = torch.randn(args[0].shape).to(dtype).contiguous(memory_format=CL)
+    out, got = grads(cpu_mlp, args, gout)
+    assert out.dtype == dtype
+    ref, want = grads(reference.mlp, [to64(t) for t in args], gout.double())
+    lowp, lowp_grads = grads(reference.mlp, args, gout)
+    assert_parity(out, ref, lowp, name=f"out{case}")
+    for name, g, w, lp in zip(NAMES, got, want, lowp_grads):
+        if w is not None:
+            assert g.dtype == dtype
+            assert_parity(g, w, lp, name=f"{name}{case}")
+
+
+def test_fp64_gradcheck():
+    args = make_inputs(2, 5, 2, 3, torch.float64)
+    leaves = [t.requires_grad_() for t in args]
+    assert torch.autograd.gradcheck(cpu_mlp, leaves)
+    y, w1, _, w2, _, _, _ = make_inputs(1, 3, 2, 2, torch.float64)
+    assert torch.autograd.gradcheck(lambda y, w1, w2: cpu_mlp(y, w1, None, w2, None, None, None),
+                                    [y.requires_grad_(), w1.requires_grad_(), w2.requires_grad_()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    for case in ((2, 12, 3, 4, True, True, True), (1, 7, 2, 2, False, False, False)):
+        args = make_inputs(*case[:4], dtype, *case[4:])
+        torch.library.opcheck(torch.ops.convnext_fast.mlp.default, tuple(args))
+        gout = torch.randn(args[0].shape).to(dtype).contiguous(memory_format=CL)
+        torch.library.opcheck(torch.ops.convnext_fast.mlp_bwd.default, (gout, *args[:6]))
+
+
+def test_deterministic():
+    args = make_inputs(2, 24, 17, 16, torch.float32)  # several tiles and backward chunks
+    gout = torch.randn(args[0].shape).contiguous(memory_format=CL)
+    bwd = torch.ops.convnext_fast.mlp_bwd
+    first = [torch.ops.convnext_fast.mlp(*args), *bwd(gout, *args[:6])]
+    second = [torch.ops.convnext_fast.mlp(*args), *bwd(gout, *args[:6])]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the backward's chunks do not depend on the thread count
+        third = bwd(gout, *args[:6])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    for a, b in zip(first[1:], third):
+        assert torch.equal(a, b)
+
+
+def test_outputs_of_absent_arguments_are_still_gradients():
+    """mlp_bwd always returns d_fc1_bias, d_fc2_bias and d_gamma (as for zero biases, gamma = 1)."""
+    y, w1, _, w2, _, _, _ = make_inputs(1, 8, 3, 3, torch.float64)
+    gout = torch.randn(y.shape, dtype=torch.float64).contiguous(memory_format=CL)
+    got = torch.ops.convnext_fast.mlp_bwd(gout, y, w1, None, w2, None, None)
+    zb1, zb2, one = (torch.zeros(32, dtype=torch.float64), torch.zeros(8, dtype=torch.float64),
+                     torch.ones(8, dtype=torch.float64))
+    _, want = grads(reference.mlp, [y, w1, zb1, w2, zb2, one, None], gout)
+    for name, g, w in zip(NAMES, got, want):
+        assert_parity(g, w, name=name)
+
+
+def test_empty_batch():
+    args = make_inputs(0, 8, 3, 3, torch.float32)
+    out = ops.mlp(*args, backend="cpu")
+    assert out.shape == (0, 8, 3, 3)
+    gout = torch.randn(args[0].shape).contiguous(memory_format=CL)
+    dy, dw1, db1, dw2, db2, dg = torch.ops.convnext_fast.mlp_bwd(gout, *args[:6])
+    assert dy.shape == (0, 8, 3, 3) and not dw1.any() and not dw2.any() and not dg.any()
+
+
+def test_cpp_op_rejects_bad_input_itself():
+    y, w1, b1, w2, b2, g, r = make_inputs(1, 8, 3, 3, torch.float32)
+    op = torch.ops.convnext_fast.mlp
+    with pytest.raises(RuntimeError, match="y must be channels_last-contiguous"):
+        op(y.contiguous(), w1, b1, w2, b2, g, r)
+    with pytest.raises(RuntimeError, match=r"fc2_weight must have shape \[8, 32\]"):
+        op(y, w1, b1, w2[:, :16], b2, g, r)
+    with pytest.raises(RuntimeError, match="gamma has dtype"):
+        op(y, w1, b1, w2, b2, g.double(), r)
+    with pytest.raises(RuntimeError, match="residual must have y's shape"):
+        op(y, w1, b1, w2, b2, g, r[:, :, :2])
+    with pytest.raises(RuntimeError, match="grad_out must be channels_last-contiguous"):
+        torch.ops.convnext_fast.mlp_bwd(r.contiguous(), y, w1, b1, w2, b2, g)
+
+
+def test_backend_reasons():
+    y, w1, b1, w2, b2, g, r = make_inputs(1, 8, 2, 2, torch.float32)
+    with pytest.raises(backends.BackendError, match="CPU tensors, got meta"):
+        ops.mlp(*[t.to("meta") for t in (y, w1, b1, w2, b2, g, r)], backend="cpu")
+
+
+def test_compiled_model_has_no_graph_breaks():
+    timm = pytest.importorskip("timm")
+    import convnext_fast
+
+    torch._dynamo.reset()
+    ref = timm.create_model("convnext_atto", pretrained=False)
+    with torch.no_grad():  # layer scale 1e-6 at init would hide the mlp branch
+        for n, p in ref.named_parameters():
+            if n.endswith("gamma"):
+                p.normal_(0.0, 0.5)
+    model = convnext_fast.from_timm(ref).train()
+    x = torch.randn(2, 3, 32, 32)
+    try:
+        with convnext_fast.use_backend("cpu"):
+            explain = torch._dynamo.explain(model)(x)
+            assert explain.graph_break_count == 0, explain.break_reasons
+            code = explain.graphs[0].code
+            assert "convnext_fast.mlp" in code and "convnext_fast.dwconv_ln" in code
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+            out = compiled(x)
+            out.sum().backward()
+            grads_compiled = [p.grad.clone() for p in model.parameters()]
+            model.zero_grad()
+            eager = model(x)
+            eager.sum().backward()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    for a, p in zip(grads_compiled, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-5)
