@@ -4,16 +4,11 @@ import pytest
 import torch
 
 from convnext_fast import backends, ops, reference
+from convnext_fast.bench import op_cost
 
 # ConvNeXt-T stage shapes (C, H=W) at 224px.
 STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]
 PROVIDERS = [*backends.BACKENDS, "torch_compile"]
-
-
-def _bytes(N, C, H, W, dtype, mode):
-    # forward: read x, write y; backward: read x and dy, write dx (parameter traffic is negligible)
-    tensors = 2 if mode == "fwd" else 5
-    return tensors * N * C * H * W * torch.finfo(dtype).bits // 8
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -53,5 +48,6 @@ def test_dwconv_ln(run, full, device, bench_options, stage, dtype, provider, mod
         y.backward(grad)
         return y
 
-    run(step, kind="op", case=f"dwconv_ln {mode} {str(dtype)[6:]} {[N, C, H, H]}", provider=provider,
-        bytes=_bytes(N, C, H, H, dtype, mode))
+    flops, nbytes = op_cost("dwconv_ln", N, C, H, H, dtype.itemsize, mode)
+    run(step, kind="op", op="dwconv_ln", mode=mode, case=f"dwconv_ln {mode} {str(dtype)[6:]} {[N, C, H, H]}",
+        provider=provider, flops=flops, bytes=nbytes)

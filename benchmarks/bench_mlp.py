@@ -1,9 +1,10 @@
 """mlp (V1) and mlp_grn (V2) per backend vs eager PyTorch and torch.compile of it, forward and
-forward+backward; nominal FLOPs (2 GEMMs forward, 4 backward) counted for TFLOP/s."""
+forward+backward; FLOPs and bytes counted by convnext_fast.bench.op_cost."""
 import pytest
 import torch
 
 from convnext_fast import backends, ops, reference
+from convnext_fast.bench import op_cost
 
 # ConvNeXt-T stage shapes (C, H=W) at 224px; D = 4C.
 STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]
@@ -63,6 +64,6 @@ def test_mlp(run, full, device, bench_options, stage, dtype, provider, op_name, 
         out.backward(grad)
         return out
 
-    gemm = 2 * N * H * H * C * 4 * C  # one M x C x 4C GEMM
-    run(step, kind="op", case=f"{op_name} {mode} {str(dtype)[6:]} {[N, C, H, H]}", provider=provider,
-        flops=gemm * (2 if mode == "fwd" else 6))
+    flops, nbytes = op_cost(op_name, N, C, H, H, dtype.itemsize, mode)
+    run(step, kind="op", op=op_name, mode=mode, case=f"{op_name} {mode} {str(dtype)[6:]} {[N, C, H, H]}",
+        provider=provider, flops=flops, bytes=nbytes)

@@ -60,5 +60,5 @@ def test_model(run, full, device, bench_options, model, dtype, mode, batch, prov
     bound = 1e-4 if dtype == "fp32" else 5e-2
     err = (out - base).abs().max().item() / base.abs().max().item()
     assert err <= bound, f"{provider}: logits differ from timm by {err:.3g} of max |logit|"
-    run(step, kind="model", case=f"{model} {mode} {dtype} b{batch} {res}px", provider=provider,
-        batch=batch, max_err_vs_timm=err)
+    run(step, kind="model", model=model, mode=mode, dtype=dtype, resolution=res,
+        case=f"{model} {mode} {dtype} b{batch} {res}px", provider=provider, batch=batch, max_err_vs_timm=err)

@@ -73,34 +73,49 @@ def _bench(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .bench import bench_model, environment, write_json
+    from .bench import bench_model, bench_ops, environment, measure_ceilings, write_json
 
     console = Console()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         console.print("[red]--device cuda asked for, but no CUDA device is visible[/red]")
         return 2
-    providers = ["timm", "convnext_fast"] + ([] if args.no_compile else ["timm_compile"])
-    results = []
+    providers = args.providers or (["timm", "timm_patched", "convnext_fast"]
+                                   + ([] if args.no_compile else ["timm_compile"]))
+    results, op_rows, ceilings = [], [], None
     with console.status("benchmarking") as status:
         for batch in args.batch:
             results += bench_model(args.model, device, args.dtype, batch, args.resolution,
-                                   args.warmup, args.iters, providers, args.compile_mode,
+                                   args.warmup, args.iters, providers, args.compile_mode, args.mode,
                                    progress=lambda msg: status.update(msg))
+        if args.plot:
+            status.update("ceilings: copy bandwidth and matmul rate")
+            ceilings = measure_ceilings(device, args.dtype)
+            r = args.resolution
+            stages = ((96, r // 4), (192, r // 8), (384, r // 16), (768, max(r // 32, 1)))  # ConvNeXt-T
+            op_rows = bench_ops(device, args.dtype, max(args.batch), stages=stages, warmup=args.warmup, iters=args.iters,
+                                progress=lambda msg: status.update(f"op benchmarks: {msg}"))
     env = environment(device)
-    table = Table(title=f"{args.model} inference, {args.dtype}, {args.resolution}px, channels_last - "
-                        f"{env.get('gpu') or env.get('cpu')} ({device}), torch {env['torch']}")
-    for col in ("provider", "batch", "ms", "img/s", "vs eager", "vs compile", "max err vs timm"):
+    where = f"{env.get('gpu') or env.get('cpu')} ({device}), torch {env['torch']}"
+    table = Table(title=f"{args.model} {args.mode}, {args.dtype}, {args.resolution}px, channels_last - {where}")
+    for col in ("provider", "batch", "ms", "img/s", "vs eager", "vs compile", "max err vs timm", "peak MB"):
         table.add_column(col, justify="right", no_wrap=True)
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in results:
         table.add_row(r.provider, str(r.batch), f"{r.ms:.2f}", f"{r.img_per_s:.1f}",
                       fmt(r.speedup_vs_eager, ".2f"), fmt(r.speedup_vs_compile, ".2f"),
-                      fmt(r.max_err_vs_timm, ".2e"))
+                      fmt(r.max_err_vs_timm, ".2e"), fmt(r.peak_mem_mb, ".0f"))
     console.print(table)
     if args.json:
-        write_json(args.json, device, results)
+        write_json(args.json, device, results, {"ops": op_rows, "ceilings": ceilings} if args.plot else None)
         console.print(f"wrote {args.json}")
+    if args.plot:
+        from .plot import save_figure
+
+        rows = [vars(r) for r in results]
+        save_figure(args.plot, [(f"{args.model} {args.mode} {args.dtype}", rows)], op_rows, ceilings,
+                    f"convnext_fast on {where}, commit {env['commit']}")
+        console.print(f"wrote {args.plot}")
     bad = [r for r in results if r.max_err_vs_timm is not None and r.max_err_vs_timm > args.max_err]
     if bad:
         console.print(f"[red]parity failed[/red]: {', '.join(r.provider for r in bad)} differ from timm "
@@ -124,12 +139,23 @@ def main(argv=None) -> int:
     b.add_argument("--no-compile", action="store_true", help="skip torch.compile of timm")
     b.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for timm (default: max-autotune on GPU, default on CPU)")
+    b.add_argument("--mode", choices=["inference", "train"], default="inference",
+                   help="inference, or a training step (forward + backward)")
+    b.add_argument("--providers", nargs="+", default=None, metavar="P",
+                   help="default: timm timm_patched convnext_fast timm_compile; also convnext_fast:<backend>")
     b.add_argument("--json", default=None, help="write results and environment to this file")
+    b.add_argument("--plot", default=None, metavar="PNG",
+                   help="also time the ops and the ceilings, and draw speedup vs batch + a roofline here")
     b.add_argument("--max-err", type=float, default=None,
                    help="parity bound on max |logit diff| / max |logit| (default: 1e-4 fp32, 5e-2 bf16/fp16)")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         return _info(args)
+    from .bench import PROVIDERS
+
+    unknown = [p for p in args.providers or [] if p not in PROVIDERS]
+    if unknown:
+        parser.error(f"unknown provider(s) {unknown}; expected some of {list(PROVIDERS)}")
     if args.max_err is None:
         args.max_err = 1e-4 if args.dtype == "fp32" else 5e-2
     return _bench(args)

@@ -16,12 +16,13 @@ import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 __all__ = ["environment", "time_callable", "ModelResult", "PROVIDERS", "make_reference", "make_runner",
-           "provider_unavailable", "bench_model", "write_json", "DTYPES"]
+           "provider_unavailable", "bench_model", "write_json", "DTYPES", "op_cost", "op_args", "bench_ops",
+           "measure_ceilings", "TINY_STAGES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -233,6 +234,93 @@ def bench_model(model: str = "convnext_tiny", device: str = "cpu", dtype: str = 
         r.speedup_vs_eager = eager.ms / r.ms if eager else None
         r.speedup_vs_compile = comp.ms / r.ms if comp else None
     return list(results.values())
+
+
+# ConvNeXt-T stage shapes (C, H=W) at 224px: the op benchmarks' default shapes.
+TINY_STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
+
+
+def op_cost(op: str, N: int, C: int, H: int, W: int, elem_bytes: int, mode: str = "fwd", k: int = 7):
+    """(FLOPs, bytes) of one call: the work and the minimum HBM/DRAM traffic of a fused kernel.
+
+    dwconv_ln forward reads x and writes y; its backward reads x and dy and writes dx (conv
+    recomputed: FLOPs of 3 convs). mlp/mlp_grn (D = 4C) forward: 2 GEMMs, reads y, the residual
+    and the weights, writes out; backward: 4 GEMMs (the recomputed hidden not counted), reads dy,
+    y and the weights, writes dy_in and the weight gradients.
+    """
+    M = N * H * W
+    if op == "dwconv_ln":
+        conv = 2 * k * k * M * C
+        flops = conv + 8 * M * C if mode == "fwd" else 3 * conv + 20 * M * C
+        return flops, (2 if mode == "fwd" else 5) * M * C * elem_bytes
+    D = 4 * C
+    gemm = 2 * M * C * D
+    weights = 2 * C * D * elem_bytes
+    if mode == "fwd":
+        return 2 * gemm, 3 * M * C * elem_bytes + weights
+    return 6 * gemm, 6 * M * C * elem_bytes + 3 * weights
+
+
+def op_args(op: str, N: int, C: int, H: int, device: str, dtype: torch.dtype) -> tuple:
+    """Random arguments of ``op`` at [N, C, H, H] with D = 4C, scaled like trained weights."""
+    D = 4 * C
+
+    def t(*s, scale=1.0):
+        return (torch.randn(*s, device=device) * scale).to(dtype)
+
+    y = t(N, C, H, H).contiguous(memory_format=torch.channels_last)
+    if op == "dwconv_ln":
+        return (y, t(C, 1, 7, 7, scale=0.1), t(C), t(C), t(C), 1e-6)
+    if op == "mlp":
+        return (y, t(D, C, scale=C ** -0.5), t(D), t(C, D, scale=D ** -0.5), t(C), t(C), y)
+    return (y, t(D, C, scale=C ** -0.5), t(D), t(D), t(D), t(C, D, scale=D ** -0.5), t(C), y, 1e-6)
+
+
+def bench_ops(device: str, dtype: str, batch: int, backends_: Sequence[str] = ("torch", "cpu", "cuda", "triton"),
+              stages: Sequence[tuple] = TINY_STAGES, warmup: int = 2, iters: int = 5,
+              progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
+    """Forward time of each op per backend at each (C, H=W) stage shape; rows for
+    :mod:`convnext_fast.plot`. The Triton interpreter (CPU) is not timed: it is a correctness tool."""
+    from . import backends, ops
+
+    if device == "cpu":
+        backends_ = [b for b in backends_ if b != "triton"]
+    say = progress or (lambda msg: None)
+    dt = DTYPES[dtype]
+    rows = []
+    for op in ("dwconv_ln", "mlp", "mlp_grn"):
+        fn = getattr(ops, op)
+        for C, H in stages:
+            args = op_args(op, batch, C, H, device, dt)
+            flops, nbytes = op_cost(op, batch, C, H, H, dt.itemsize)
+            for backend in backends_:
+                try:
+                    backends.select(op, torch.device(device), backend, args, {})
+                except backends.BackendError:
+                    continue
+                say(f"{op} C={C} {backend}")
+                with torch.inference_mode():
+                    samples = time_callable(lambda: fn(*args, backend=backend), device, warmup, iters)
+                rows.append({"label": f"{op} {backend}", "op": op, "backend": backend,
+                             "shape": [batch, C, H, H], "ms": statistics.median(samples) * 1e3,
+                             "flops": flops, "bytes": nbytes})
+    return rows
+
+
+def measure_ceilings(device: str, dtype: str = "bf16") -> Dict[str, float]:
+    """Copy bandwidth (bytes read + written per second) and the dense matmul rate in ``dtype``."""
+    cuda = device.startswith("cuda")
+    n = (1 << 30) if cuda else (1 << 28)  # bytes per buffer, far past the last-level cache
+    src = torch.empty(n // 4, device=device).normal_()
+    dst = torch.empty_like(src)
+    copy_s = statistics.median(time_callable(lambda: dst.copy_(src), device, 3, 10))
+    del src, dst
+    m = 8192 if cuda else 1024
+    a = torch.randn(m, m, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(m, m, device=device, dtype=DTYPES[dtype])
+    mm_s = statistics.median(time_callable(lambda: a @ b, device, 2, 5))
+    return {"copy_GBps": 2 * n / copy_s / 1e9, "matmul_TFLOPs": 2 * m ** 3 / mm_s / 1e12,
+            "matmul_dtype": dtype, "matmul_n": m}
 
 
 def write_json(path: str, device: str, results: List[ModelResult], extra: Optional[dict] = None) -> None:
