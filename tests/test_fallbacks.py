@@ -1,0 +1,228 @@
+"""Fallbacks are visible: without Triton, without the compiled extension, with a kernel size or a
+dilation a kernel cannot run, the model still runs on the best backend that can, ``python -m
+convnext_fast info`` and ``backends.last_selections()`` say which and why, and an explicit request
+that cannot be honoured raises :class:`BackendError` with the reason.
+
+Missing pieces are simulated by monkeypatching ``convnext_fast._ext`` and the backend registry
+(nothing is uninstalled); one subprocess hides ``triton`` and ``convnext_fast._C`` from the import
+system to check the real detection end to end.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import convnext_fast
+from convnext_fast import BackendError, _ext, backends, ops, use_backend
+from convnext_fast.__main__ import main
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/_cases.py (--import-mode=importlib adds none)
+from _cases import OPS, inputs  # noqa: E402
+
+NO_EXT = "convnext_fast._C could not be imported (simulated: not built)"
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    """As if the extension had failed to import: ``_ext`` says so, and every cpu/cuda backend
+    (some cache their reason at import) reports it. The subprocess test below checks the real
+    detection."""
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_error", NO_EXT)
+    monkeypatch.setattr(_ext, "_tried", True)
+    for op in OPS:
+        for b in ("cpu", "cuda"):
+            impl = backends._REGISTRY[op].get(b)
+            if impl is not None:
+                monkeypatch.setitem(backends._REGISTRY[op], b,
+                                    backends.OpImpl(impl.fn, _ext.error, impl.supports))
+
+
+@pytest.fixture
+def no_triton(monkeypatch):
+    """As if triton were not installed (the registry's triton entries say so)."""
+    for op in OPS:
+        impl = backends._REGISTRY[op]["triton"]
+        monkeypatch.setitem(backends._REGISTRY[op], "triton",
+                            backends.OpImpl(impl.fn, lambda: "triton is not installed", impl.supports))
+
+
+def _info(capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "400")  # rich would wrap the reasons at 80 columns
+    assert main(["info"]) == 0
+    return capsys.readouterr().out
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return convnext_fast.convnext_atto(num_classes=10, ls_init_value=1.0, **kw).eval()
+
+
+def test_without_the_extension(no_extension, capsys, monkeypatch):
+    for op in OPS:
+        for b in ("cpu", "cuda"):
+            if b in backends._REGISTRY[op]:
+                assert backends.available(op, b) == NO_EXT, (op, b)
+    model, x = _model(), torch.randn(2, 3, 32, 32)
+    backends._LAST.clear()
+    with torch.no_grad():
+        out = model(x)
+        with use_backend("torch"):
+            want = model(x)
+    assert torch.equal(out, want)  # automatic fell back to the reference, the best that can run
+    picked, skipped = backends.last_selections()["dwconv_ln"]
+    assert picked == "torch" and ("cpu", NO_EXT) in skipped
+    with pytest.raises(BackendError, match=r"dwconv_ln: backend 'cpu' \(from backend argument\) "
+                                           r"cannot run this call: convnext_fast._C could not be imported"):
+        ops.dwconv_ln(*inputs("dwconv_ln"), backend="cpu")
+    with use_backend("cpu"), pytest.raises(BackendError, match=r"from use_backend\(\).*simulated"):
+        model(x)
+    out = _info(capsys, monkeypatch)
+    assert f"extension: unavailable: {NO_EXT}" in out
+    assert out.count("simulated: not built") >= 3  # the extension line, the op x backend table, ...
+    auto = out[out.index("automatic choice"):]
+    assert "cpu: " + NO_EXT in auto  # ... and why the automatic choice skipped it
+
+
+def test_without_triton(no_triton, capsys, monkeypatch):
+    for op in OPS:
+        assert backends.available(op, "triton") == "triton is not installed"
+        with pytest.raises(BackendError, match=rf"{op}: backend 'triton' .* triton is not installed"):
+            getattr(ops, op)(*inputs(op, k=3), backend="triton")
+    model, x = _model(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+    out = _info(capsys, monkeypatch)
+    assert out.count("triton is not installed") == len(OPS)
+
+
+def test_nothing_compiled_and_no_triton_in_a_fresh_process():
+    """The real detection: triton and convnext_fast._C unimportable (None in sys.modules) before
+    convnext_fast is imported. Everything runs on torch; info and the selections say why."""
+    code = r"""
+import json, sys
+sys.modules["triton"] = None
+sys.modules["convnext_fast._C"] = None
+import torch, convnext_fast
+from convnext_fast import backends
+from convnext_fast.__main__ import main
+torch.manual_seed(0)
+m = convnext_fast.convnext_atto(num_classes=10).eval()
+with torch.no_grad():
+    out = m(torch.randn(2, 3, 32, 32))
+print(json.dumps({"finite": bool(torch.isfinite(out).all()),
+                  "rows": [list(r) for r in backends.describe()],
+                  "last": {k: [v[0], [list(s) for s in v[1]]] for k, v in backends.last_selections().items()}}))
+main(["info"])
+"""
+    env = {**os.environ, "COLUMNS": "400"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, info = proc.stdout.split("\n", 1)
+    got = json.loads(first)
+    assert got["finite"]
+    for op, b, reason in got["rows"]:
+        if b == "torch":
+            assert reason is None
+        elif b == "triton":
+            assert reason == "triton is not installed", (op, reason)
+        elif reason != f"no {b} implementation of {op}":  # (not every op has every backend)
+            assert "convnext_fast._C could not be imported" in reason, (op, b, reason)
+    for op in ("dwconv_ln", "mlp"):
+        picked, skipped = got["last"][op]
+        assert picked == "torch", (op, picked)
+        assert any(b == "cpu" and "convnext_fast._C" in r for b, r in skipped), skipped
+    assert "extension: unavailable: convnext_fast._C could not be imported" in info
+    assert "triton is not installed" in info
+
+
+def _fake_cuda(*shape):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # shapes and devices only: no GPU needed, nothing runs
+        return torch.empty(*shape, device="cuda")
+
+
+def test_kernel_size_the_cuda_kernel_lacks(monkeypatch):
+    """k = 9: the CUDA kernel (k in 3, 5, 7) says why not; automatic selection skips it (even
+    where it is built: simulated here), an explicit request raises."""
+    impl = backends._REGISTRY["dwconv_ln"]["cuda"]
+    C = 16
+    x = _fake_cuda(2, C, 8, 8).contiguous(memory_format=torch.channels_last)
+    w9, vec = _fake_cuda(C, 1, 9, 9), _fake_cuda(C)
+    args = (x, w9, vec, vec, vec, 1e-6)
+    assert impl.supports(*args) == "the CUDA kernel supports k in (3, 5, 7), got 9"
+    assert impl.supports(x, _fake_cuda(C, 1, 7, 7), vec, vec, vec, 1e-6) is None
+    monkeypatch.setitem(backends._REGISTRY["dwconv_ln"], "cuda",
+                        backends.OpImpl(impl.fn, lambda: None, impl.supports))  # "built with CUDA"
+    picked, _ = backends.select("dwconv_ln", x.device, None, args, {})
+    _, skipped = backends.last_selections()["dwconv_ln"]
+    assert picked != "cuda" and ("cuda", "the CUDA kernel supports k in (3, 5, 7), got 9") in skipped
+    with pytest.raises(BackendError, match=r"backend 'cuda' .* k in \(3, 5, 7\), got 9"):
+        backends.select("dwconv_ln", x.device, "cuda", args, {})
+
+
+def test_kernel_size_the_triton_kernels_lack():
+    """k = 17 > MAX_K: triton refuses with the reason, automatic runs (correctly) on the CPU."""
+    args = inputs("dwconv_ln", N=1, C=8, H=5, W=4, k=17)
+    from convnext_fast.ops import _triton_dwconv_ln
+
+    if _triton_dwconv_ln.available() is not None:
+        pytest.skip(_triton_dwconv_ln.available())
+    with pytest.raises(BackendError, match=r"backend 'triton' .* odd kernel of size <= \d+, got 17"):
+        ops.dwconv_ln(*args, backend="triton")
+    y = ops.dwconv_ln(*args)
+    torch.testing.assert_close(y, convnext_fast.reference.dwconv_ln(*args), rtol=2e-5, atol=2e-5)
+
+
+def test_model_with_a_large_kernel_runs_on_the_best_backend():
+    """kernel_sizes=9 (beyond the CUDA kernel): on this CPU the C++ kernel takes any odd k."""
+    model, x = _model(kernel_sizes=9), torch.randn(1, 3, 32, 32)
+    backends._LAST.clear()
+    with torch.no_grad():
+        out = model(x)
+        picked, skipped = backends.last_selections()["dwconv_ln"]
+        with use_backend("torch"):
+            want = model(x)
+    assert picked == ("cpu" if _ext.error() is None else "torch"), (picked, skipped)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+def test_even_kernel_and_dilation_are_refused_by_the_model_with_the_way_out():
+    with pytest.raises(ValueError, match=r"ConvNeXt: kernel sizes must be odd, got \(8, 8, 8, 8\)"):
+        convnext_fast.convnext_atto(kernel_sizes=8, device="meta")
+    for os_ in (8, 16):
+        with pytest.raises(NotImplementedError, match=rf"output_stride={os_} \(dilated stages\) is not "
+                                                      r"supported.*convnext_fast.patch_timm"):
+            convnext_fast.convnext_atto(output_stride=os_, device="meta")
+
+
+def test_dilated_timm_model_runs_patched_with_the_dilated_blocks_reported():
+    """The way out the error names: timm's dilated ConvNeXt, patched. Undilated blocks run on the
+    fused ops (automatic backend), dilated ones keep timm's forward and the report says why."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", output_stride=16, num_classes=10, ls_init_value=1.0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    report = convnext_fast.patch_timm(model)
+    blocks = {n: m for n, m in model.named_modules() if type(m).__name__ == "ConvNeXtBlock"}
+    dilated = {n for n, m in blocks.items() if m.conv_dw.dilation != (1, 1)}
+    assert dilated and dilated == {n for n, why in report.skipped if "dilation" in why}, str(report)
+    assert report.blocks_patched == len(blocks) - len(dilated)
+    backends._LAST.clear()
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert backends.last_selections()["dwconv_ln"][0] == ("cpu" if _ext.error() is None else "torch")
+
+
+def test_env_var_request_that_cannot_run_raises(monkeypatch):
+    monkeypatch.setenv("CONVNEXT_FAST_BACKEND", "cuda")
+    with pytest.raises(BackendError, match=r"backend 'cuda' \(from CONVNEXT_FAST_BACKEND\) cannot run"):
+        _model()(torch.randn(1, 3, 32, 32))
