@@ -23,6 +23,7 @@
 // the thread count. (With a single chunk the GEMMs are multi-threaded and the result is
 // reproducible at a fixed thread count, as ATen's own GEMMs are.)
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -170,8 +171,9 @@ const acc_t* ptr_or_null(const at::Tensor& t) {
 MlpParams compute_params(const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                          const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                          const std::optional<at::Tensor>& gamma, at::ScalarType acc) {
-  // Detached: the GEMMs also run on at::parallel_for's worker threads, where the caller's
-  // autograd guards do not reach (thread-local), and must not see tensors that require grad.
+  // Detached, and every parallel region below re-enters the caller's thread-local state
+  // (at::ThreadLocalStateGuard): the GEMMs also run on at::parallel_for's worker threads, where
+  // the caller's autograd/inference-mode guards would not otherwise reach.
   auto conv = [acc](const at::Tensor& t) { return t.detach().to(acc).contiguous(); };
   auto conv_opt = [&](const std::optional<at::Tensor>& t) {
     return t.has_value() ? conv(*t) : at::Tensor();
@@ -217,6 +219,63 @@ void check_mlp(const char* op, const at::Tensor& y, const at::Tensor& w1,
 // ---------------------------------------------------------------------------------------------
 // forward
 
+// Hidden slices of at least this many columns (narrower ones make inefficient GEMMs).
+constexpr int64_t kMinHiddenPart = 128;
+
+// With a single row tile and several threads, the hidden dimension D is split instead: each
+// thread owns a slice of the hidden columns (its GEMMs single-threaded), and the slices' fc2
+// partial products are added in slice order. Returns the number of slices (1: no split).
+int64_t hidden_parts(const Tiling& tl, int64_t D) {
+  if (tl.tiles != 1 || sequential_tiles() || at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), D / kMinHiddenPart));
+}
+
+template <typename scalar_t, typename acc_t>
+void mlp_fwd_split_hidden(const at::Tensor& y2d, const scalar_t* y_ptr, const MlpParams& p,
+                          const scalar_t* residual, scalar_t* out_ptr, int64_t parts) {
+  const int64_t M = y2d.size(0), C = y2d.size(1), D = p.w1.size(0);
+  const auto opts = y2d.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  constexpr int64_t kAlign = 16;
+  const int64_t width = ((D + parts - 1) / parts + kAlign - 1) / kAlign * kAlign;
+  at::Tensor yt;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    yt = y2d;
+  } else {
+    yt = at::empty({M, C}, opts);
+    acc_t* dst = yt.data_ptr<acc_t>();
+    at::parallel_for(0, M, 8, [&](int64_t a, int64_t b) {
+      convert(y_ptr + a * C, dst + a * C, (b - a) * C);
+    });
+  }
+  const at::Tensor w1t = p.w1.t(), w2t = p.w2.t();
+  const acc_t *b1 = ptr_or_null<acc_t>(p.b1), *b2 = ptr_or_null<acc_t>(p.b2),
+              *gamma = ptr_or_null<acc_t>(p.gamma);
+  at::Tensor partial = at::empty({parts, M, C}, opts);
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, parts, 1, [&](int64_t q_begin, int64_t q_end) {
+    const at::ThreadLocalStateGuard tls_guard(tls);
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      const int64_t d0 = q * width, dn = std::min(width, D - d0);
+      at::Tensor o = partial[q];
+      if (dn <= 0) {
+        o.zero_();
+        continue;
+      }
+      at::Tensor h = at::empty({M, dn}, opts);
+      at::mm_out(h, yt, w1t.narrow(1, d0, dn));
+      bias_gelu_rows(h.data_ptr<acc_t>(), b1 != nullptr ? b1 + d0 : nullptr, 0, M, dn);
+      at::mm_out(o, h, w2t.narrow(0, d0, dn));
+    }
+  });
+  at::Tensor o = partial[0];
+  for (int64_t q = 1; q < parts; ++q) o.add_(partial[q]);
+  const acc_t* op_ = o.data_ptr<acc_t>();
+  at::parallel_for(0, M, 8, [&](int64_t a, int64_t b) {
+    std::vector<acc_t> scratch(C);
+    output_rows<scalar_t, acc_t>(op_, b2, gamma, residual, out_ptr, scratch.data(), a, b, C);
+  });
+}
+
 template <typename scalar_t, typename acc_t>
 void mlp_fwd_kernel(const at::Tensor& y, const MlpParams& p, const scalar_t* residual,
                     at::Tensor& out) {
@@ -231,7 +290,9 @@ void mlp_fwd_kernel(const at::Tensor& y, const MlpParams& p, const scalar_t* res
               *gamma = ptr_or_null<acc_t>(p.gamma);
   const at::Tensor y2d = y.permute({0, 2, 3, 1}).reshape({M, C});  // a view: y is NHWC
 
+  const at::ThreadLocalState tls;
   auto run_tiles = [&](int64_t t_begin, int64_t t_end) {
+    const at::ThreadLocalStateGuard tls_guard(tls);
     at::Tensor ybuf = std::is_same_v<scalar_t, acc_t> ? at::Tensor() : at::empty({tl.rows, C}, opts);
     at::Tensor hbuf = at::empty({tl.rows, D}, opts), obuf = at::empty({tl.rows, C}, opts);
     for (int64_t t = t_begin; t < t_end; ++t) {
@@ -259,7 +320,10 @@ void mlp_fwd_kernel(const at::Tensor& y, const MlpParams& p, const scalar_t* res
       });
     }
   };
-  if (tl.tiles > 1 && !sequential_tiles()) {
+  const int64_t parts = hidden_parts(tl, D);
+  if (parts > 1) {
+    mlp_fwd_split_hidden<scalar_t, acc_t>(y2d, y_ptr, p, residual, out_ptr, parts);
+  } else if (tl.tiles > 1 && !sequential_tiles()) {
     at::parallel_for(0, tl.tiles, 1, run_tiles);
   } else {
     run_tiles(0, tl.tiles);
@@ -355,7 +419,9 @@ void mlp_bwd_kernel(const scalar_t* grad_ptr, const at::Tensor& y, const MlpPara
   // Per chunk: G = grad^T @ h [C, D], dW1 [D, C], column sums of grad [C] and of da [D].
   std::vector<at::Tensor> parts_G(n_chunks), parts_W1(n_chunks), parts_sg(n_chunks),
       parts_b1(n_chunks);
+  const at::ThreadLocalState tls;
   auto run_chunks = [&](int64_t c_begin, int64_t c_end) {
+    const at::ThreadLocalStateGuard tls_guard(tls);
     at::Tensor ybuf = at::empty({tl.rows, C}, opts), gbuf = at::empty({tl.rows, C}, opts);
     at::Tensor gobuf = at::empty({tl.rows, C}, opts), dybuf = at::empty({tl.rows, C}, opts);
     at::Tensor hbuf = at::empty({tl.rows, D}, opts), dgbuf = at::empty({tl.rows, D}, opts);

@@ -116,6 +116,16 @@ def test_opcheck(dtype):
         torch.library.opcheck(torch.ops.convnext_fast.mlp_bwd.default, (gout, *args[:6]))
 
 
+@pytest.mark.parametrize("shape", [(1, 96, 7, 7), (2, 24, 17, 16)], ids=["one_tile", "tiles"])
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_under_inference_mode_and_no_grad(shape, mode):
+    """The kernel's worker threads run ATen GEMMs: they must inherit the caller's modes."""
+    args = make_inputs(*shape, torch.float32)
+    with getattr(torch, mode)():
+        out = ops.mlp(*args, backend="cpu")
+    assert_fp32(out, reference.mlp(*map(to64, args)), rtol=2e-6)
+
+
 def test_deterministic():
     args = make_inputs(2, 24, 17, 16, torch.float32)  # several tiles and backward chunks
     gout = torch.randn(args[0].shape).contiguous(memory_format=CL)
