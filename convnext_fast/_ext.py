@@ -1,9 +1,10 @@
 """Loads the compiled extension ``convnext_fast._C`` and keeps the reason when it cannot."""
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Tuple
 
 _module: Optional[ModuleType] = None
 _error: Optional[str] = None
@@ -39,3 +40,33 @@ def build_info() -> dict:
 
 def has_cuda_kernels() -> bool:
     return bool(build_info().get("with_cuda", False))
+
+
+def _arches(arch_list: str):
+    """(major, minor, ptx) per entry of a TORCH_CUDA_ARCH_LIST like "8.0;9.0+PTX"."""
+    for entry in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        entry = entry.strip()
+        if not entry or not entry[0].isdigit():
+            continue
+        ptx = entry.endswith("+PTX")
+        major, _, minor = entry.removesuffix("+PTX").partition(".")
+        yield int(major), int((minor or "0").rstrip("a")), ptx
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_arch_unsupported(capability: Tuple[int, int]) -> Optional[str]:
+    """Why the built CUDA kernels cannot run on a GPU of ``capability`` (None when they can).
+
+    A cubin for sm_XY runs on sm_XZ with Z >= Y (same major); PTX (``+PTX``) is JIT-compiled for
+    any later GPU. A build for "the visible GPU" (arch list not recorded) is trusted.
+    """
+    arch_list = build_info().get("cuda_arch_list", "")
+    arches = list(_arches(arch_list))
+    if not arches:
+        return None
+    major, minor = capability
+    for a_major, a_minor, ptx in arches:
+        if (a_major == major and a_minor <= minor) or (ptx and (a_major, a_minor) <= (major, minor)):
+            return None
+    return (f"convnext_fast._C has CUDA kernels for {arch_list}, none of which runs on this "
+            f"sm_{major}{minor} GPU; rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")

@@ -226,3 +226,24 @@ def test_env_var_request_that_cannot_run_raises(monkeypatch):
     monkeypatch.setenv("CONVNEXT_FAST_BACKEND", "cuda")
     with pytest.raises(BackendError, match=r"backend 'cuda' \(from CONVNEXT_FAST_BACKEND\) cannot run"):
         _model()(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("arch_list,capability,runs", [
+    ("8.0;9.0", (8, 0), True), ("8.0;9.0", (8, 9), True), ("8.0;9.0", (9, 0), True),
+    ("8.0;9.0", (7, 5), False), ("8.0;9.0", (10, 0), False), ("8.0;9.0+PTX", (10, 0), True),
+    ("8.0;9.0+PTX", (7, 0), False), ("visible GPU", (7, 0), True),
+])
+def test_cuda_backend_refuses_a_gpu_the_build_has_no_kernels_for(monkeypatch, arch_list, capability, runs):
+    """An old (or newer, without PTX) GPU falls back visibly instead of failing at kernel launch."""
+    from convnext_fast import _ext
+
+    monkeypatch.setattr(_ext, "build_info", lambda: {"with_cuda": True, "cuda_arch_list": arch_list})
+    _ext.cuda_arch_unsupported.cache_clear()
+    try:
+        why = _ext.cuda_arch_unsupported(capability)
+    finally:
+        _ext.cuda_arch_unsupported.cache_clear()
+    if runs:
+        assert why is None
+    else:
+        assert f"sm_{capability[0]}{capability[1]}" in why and "TORCH_CUDA_ARCH_LIST" in why

@@ -81,7 +81,9 @@ def _cuda_supports(x, conv_weight, conv_bias, ln_weight, ln_bias, eps) -> Option
         return f"shape {list(x.shape)} is outside the CUDA kernel's limits (C <= {_CUDA_MAX_C}, N, H <= 65535)"
     if conv_weight.shape[-1] not in _CUDA_KERNEL_SIZES:
         return f"the CUDA kernel supports k in {_CUDA_KERNEL_SIZES}, got {conv_weight.shape[-1]}"
-    return None
+    if not torch.cuda.is_available():  # fake/meta CUDA tensors (tracing without a GPU): no device to ask
+        return None
+    return _ext.cuda_arch_unsupported(torch.cuda.get_device_capability(x.device))
 
 
 def _ext_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
