@@ -173,10 +173,10 @@ void dwconv_ln_bwd_cpu_kernel(const scalar_t* grad_y, const scalar_t* x, const f
         const int64_t kh_lo = std::max<int64_t>(0, p - h);
         const int64_t kh_hi = std::min<int64_t>(k, H + p - h);
         float* dz_row = dz + nh * W * C;
+        // z goes to the dz row first and is overwritten by dz pixel by pixel: no scratch.
+        cpu::conv_row(dz_row, rows.data(), Wp * C, w_taps, conv_bias, C, W, k, kh_lo, kh_hi);
         for (const auto w : c10::irange(W)) {
-          // z goes to the dz slot first and is overwritten by dz: no per-pixel scratch.
           float* zp = dz_row + w * C;
-          cpu::conv_pixel(zp, rows.data() + w * C, Wp * C, w_taps, conv_bias, C, k, kh_lo, kh_hi);
           ln_backward_pixel(zp, gy_row.data() + w * C, ln_w, mean[nh * W + w], rstd[nh * W + w], zp,
                             part_dlw, part_dlb, part_dcb, C);
         }
@@ -201,17 +201,15 @@ void dwconv_ln_bwd_cpu_kernel(const scalar_t* grad_y, const scalar_t* x, const f
   // dx: the forward's conv loop over the dz window, taps flipped, no bias.
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> rows(k * Wp * C, 0.f);
-    std::vector<float> acc(C);
+    std::vector<float> acc(W * C);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
       load_window(rows.data(), static_cast<const float*>(dz), n, h, H, W, C, k);
       const int64_t kh_lo = std::max<int64_t>(0, p - h);
       const int64_t kh_hi = std::min<int64_t>(k, H + p - h);
-      for (const auto w : c10::irange(W)) {
-        cpu::conv_pixel(acc.data(), rows.data() + w * C, Wp * C, w_taps_flipped, nullptr, C, k,
-                        kh_lo, kh_hi);
-        cpu::narrow(acc.data(), dx + (nh * W + w) * C, C);
-      }
+      cpu::conv_row(acc.data(), rows.data(), Wp * C, w_taps_flipped, nullptr, C, W, k, kh_lo,
+                    kh_hi);
+      cpu::narrow(acc.data(), dx + nh * W * C, W * C);
     }
   });
 }

@@ -4,8 +4,8 @@
 // Work is split over output rows (n, h) with at::parallel_for. For one output row, the k input
 // rows it needs are first widened to fp32 into a zero-padded [k, W + 2p, C] scratch buffer, so the
 // k*k tap loop has no bounds checks and reads every element as fp32 whatever the input dtype; the
-// copy costs k loads per input element against k*k FMAs. The conv output of one pixel ([C] fp32)
-// stays in a scratch vector and is normalised right away: the conv result never touches memory.
+// copy costs k loads per input element against k*k FMAs. The conv output of one row ([W, C] fp32)
+// stays in a per-thread scratch buffer and is normalised right away: it never touches memory.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
@@ -63,7 +63,7 @@ void dwconv_ln_cpu_kernel(const scalar_t* x, const float* w_taps, const float* c
   const int64_t Wp = W + 2 * p;
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> rows(k * Wp * C, 0.f);
-    std::vector<float> acc(C);
+    std::vector<float> acc_row(W * C);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
       for (const auto kh : c10::irange(k)) {
@@ -76,18 +76,18 @@ void dwconv_ln_cpu_kernel(const scalar_t* x, const float* w_taps, const float* c
           widen(x + ((n * H + ih) * W) * C, dst + p * C, W * C);
         }
       }
+      // Rows outside the image contribute nothing: restrict kh instead of testing every tap.
+      const int64_t kh_lo = std::max<int64_t>(0, p - h);
+      const int64_t kh_hi = std::min<int64_t>(k, H + p - h);
+      cpu::conv_row(acc_row.data(), rows.data(), Wp * C, w_taps, conv_bias, C, W, k, kh_lo, kh_hi);
       for (const auto w : c10::irange(W)) {
-        // Rows outside the image contribute nothing: restrict kh instead of testing every tap.
-        const int64_t kh_lo = std::max<int64_t>(0, p - h);
-        const int64_t kh_hi = std::min<int64_t>(k, H + p - h);
-        const float* base = rows.data() + w * C;
-        cpu::conv_pixel(acc.data(), base, Wp * C, w_taps, conv_bias, C, k, kh_lo, kh_hi);
+        float* acc = acc_row.data() + w * C;
         // Two-pass statistics over the cached row: exact for large means, unlike E[x^2]-E[x]^2.
-        const float muf = vec_sum(acc.data(), C) / C;
-        const float var = center_and_sumsq(acc.data(), muf, C) / C;
+        const float muf = vec_sum(acc, C) / C;
+        const float var = center_and_sumsq(acc, muf, C) / C;
         const float rstdf = 1.f / std::sqrt(var + static_cast<float>(eps));
-        scale_shift(acc.data(), rstdf, ln_w, ln_b, C);
-        narrow(acc.data(), y + (nh * W + w) * C, C);
+        scale_shift(acc, rstdf, ln_w, ln_b, C);
+        narrow(acc, y + (nh * W + w) * C, C);
         mean_out[nh * W + w] = muf;
         rstd_out[nh * W + w] = rstdf;
       }
