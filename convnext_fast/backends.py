@@ -63,10 +63,22 @@ MEASURED_ORDER: Dict[Tuple[str, str, torch.dtype, bool], Tuple[str, ...]] = {
     # forward: triton 11.2 ms, eager 14.2
     ("mlp_grn", "cuda", _BF16, False): ("triton", "torch"),
     ("mlp_grn", "cuda", _FP32, False): ("torch", "triton"),
-    # 2-core AVX2 CPU, batch 8 (benchmarks/results/cpu2core_dwconv_ln.txt): C++ 55 ms vs eager 59
-    # in fp32 (it wins at C=96 only), 48 ms vs 2.8 s in bf16.
+    # 2-core AVX2 CPU (no AMX), torch 2.14.1, benchmarks/results/cpu2core_ops.txt: C++ cpu vs
+    # eager, summed over ConvNeXt-T's 18 blocks. fp32 at batch 8, bf16 at batch 1 (eager bf16 is
+    # ~10x slower than fp32 on this CPU; the C++ kernels compute in fp32).
+    # forward fp32: 34 ms vs 57 (eager wins at C=768 only); bf16: 5.8 ms vs 386
     ("dwconv_ln", "cpu", _FP32, False): ("cpu", "torch"),
     ("dwconv_ln", "cpu", _BF16, False): ("cpu", "torch"),
+    # fwd+bwd fp32: 167 ms vs 251; bf16: 29 ms vs 1583
+    ("dwconv_ln", "cpu", _FP32, True): ("cpu", "torch"),
+    ("dwconv_ln", "cpu", _BF16, True): ("cpu", "torch"),
+    # mlp forward fp32: 462 ms vs 581 (the win is at C=96; even elsewhere); bf16: 95 ms vs 476
+    ("mlp", "cpu", _FP32, False): ("cpu", "torch"),
+    ("mlp", "cpu", _BF16, False): ("cpu", "torch"),
+    # mlp fwd+bwd fp32: eager 1509 ms, cpu 1634 (its backward recomputes the hidden: one GEMM
+    # more than eager, which keeps it); bf16: 309 ms vs 6465
+    ("mlp", "cpu", _FP32, True): ("torch", "cpu"),
+    ("mlp", "cpu", _BF16, True): ("cpu", "torch"),
 }
 
 
