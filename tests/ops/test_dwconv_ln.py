@@ -283,3 +283,12 @@ def test_cuda_kernels_are_in_the_build_when_built_with_cuda():
     if (torch.version.cuda and os.path.exists(os.path.join(toolkit, "bin", "nvcc"))
             and os.environ.get("CONVNEXT_FAST_SKIP_CUDA_BUILD") != "1"):
         assert info["with_cuda"], "a CUDA toolkit and a CUDA torch are here, but no CUDA kernels were built"
+
+
+@needs_ext
+def test_cuda_backward_kernel_is_in_the_build_when_built_with_cuda():
+    """A CUDA build registers CUDA kernels for the forward and the backward op (autograd uses the
+    compiled backward only where one is registered); a CPU-only build registers neither."""
+    with_cuda = _ext.build_info()["with_cuda"]
+    for op in ("convnext_fast::dwconv_ln", "convnext_fast::dwconv_ln_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") == with_cuda, op
