@@ -229,35 +229,34 @@ def _check_backend(name: Optional[str], op: str) -> None:
 
 def _patch_model(model: nn.Module, backend: Optional[str]) -> PatchReport:
     report = PatchReport(backend=backend or "auto")
-    blocks = [(n, m) for n, m in model.named_modules() if _is_timm(m, "ConvNeXtBlock")]
-    in_block = set()
-    for name, block in blocks:
-        for sub_name, _ in block.named_modules():
-            in_block.add(f"{name}.{sub_name}" if sub_name else name)
+    in_block = {f"{name}.{sub}" if sub else name
+                for name, block in model.named_modules() if _is_timm(block, "ConvNeXtBlock")
+                for sub, _ in block.named_modules()}
+    plan = []  # (name, module, forward, what): decided in full before anything is installed
     for name, module in model.named_modules():
         if _MARK in module.__dict__:
             report.already.append(name)
-            continue
-        if _is_timm(module, "ConvNeXtBlock"):
+        elif _is_timm(module, "ConvNeXtBlock"):
             reason = _block_reason(module)
             if reason:
                 report.skipped.append((name, reason))
                 continue
             fused = "mlp_grn" if module.gamma is None and hasattr(module.mlp, "grn") else "mlp"
-            _check_backend(backend, "dwconv_ln")
-            _check_backend(backend, fused)
-            what = f"dwconv_ln + {fused}"
-            _install(module, _block_forward, backend, what)
-            report.patched.append((name, f"block: {what}"))
+            plan.append((name, module, _block_forward, f"dwconv_ln + {fused}"))
         elif _is_timm(module, "LayerNorm2d") and name not in in_block:
             reason = _norm_reason(module, module.normalized_shape[0], "LayerNorm2d")
             if reason:
                 report.skipped.append((name, reason))
                 continue
-            _install(module, _norm2d_forward, backend, "channels-last LayerNorm2d")
-            report.patched.append((name, "LayerNorm2d, channels-last out"))
-        elif type(module).__name__ in ("ConvNeXtBlock", "LayerNorm2d") and not _is_timm(module, type(module).__name__):
+            plan.append((name, module, _norm2d_forward, "channels-last LayerNorm2d"))
+        elif type(module).__name__ in ("ConvNeXtBlock", "LayerNorm2d") and not type(module).__module__.startswith("timm."):
             report.skipped.append((name, f"{type(module).__module__}.{type(module).__name__} is not timm's"))
+    # An explicit backend that lacks an op the plan needs raises before any module is touched.
+    for op in sorted({op for *_, what in plan if "+" in what for op in what.split(" + ")}):
+        _check_backend(backend, op)
+    for name, module, forward, what in plan:
+        _install(module, forward, backend, what)
+        report.patched.append((name, f"block: {what}" if forward is _block_forward else "LayerNorm2d, channels-last out"))
     return report
 
 

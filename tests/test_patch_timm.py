@@ -149,6 +149,7 @@ def test_unavailable_backend_raises_at_patch_time():
     model = _create("convnext_atto")
     with pytest.raises(BackendError, match="cannot run (dwconv_ln|mlp)"):  # dwconv_ln where built without CUDA
         convnext_fast.patch_timm(model, backend="cuda")
+    assert not any("forward" in m.__dict__ for m in model.modules())  # nothing half-patched
     with pytest.raises(BackendError, match="unknown backend"):
         convnext_fast.patch_timm(model, backend="tpu")
     with pytest.raises(TypeError, match="torch.nn.Module"):
