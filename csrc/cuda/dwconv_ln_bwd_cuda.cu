@@ -28,16 +28,12 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../include/dwconv_cuda.cuh"
 #include "../include/dwconv_ln_bwd.h"
 
 namespace convnext_fast {
 namespace {
 
-constexpr int kTileW = 8;
-constexpr int kMaxThreads = 512;
-// The forward's limit: kTileW fp32 rows of C channels in shared memory (128 KiB at C = 4096,
-// opted in above the default 48 KiB).
-constexpr int64_t kMaxC = 4096;
 // About one full GPU of threads (132 SMs x 2048 on an H100): the grids that produce partial sums
 // are capped near this, so the partials stay a few MiB whatever the batch.
 constexpr int64_t kResidentThreads = int64_t(1) << 18;
@@ -45,12 +41,6 @@ constexpr int64_t kResidentThreads = int64_t(1) << 18;
 constexpr int kChannelsPerBlock = 32;
 // Partial blocks summed side by side by one reduce block before the fixed-order final sum.
 constexpr int kReduceSlices = 16;
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 // part is [gridDim.x, 3, C]: the block's sums of dz, grad_y * xhat and grad_y per channel.
 template <typename scalar_t, int K>
@@ -62,7 +52,6 @@ __global__ void __launch_bounds__(kMaxThreads)
                             float* __restrict__ part, int H, int W, int C, int64_t num_tiles) {
   extern __shared__ float tile[];  // [kTileW, C]: z, then xhat
   __shared__ float s_mean_g[kTileW], s_mean_gx[kTileW], s_rstd[kTileW];
-  constexpr int P = K / 2;
   const int tiles_per_row = (W + kTileW - 1) / kTileW;
   const int64_t row_stride = int64_t(W) * C;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -87,28 +76,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     // kernel row and fed to all k taps from registers.
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
       float acc[kTileW];
-      const float b = bias != nullptr ? static_cast<float>(bias[c]) : 0.f;
-#pragma unroll
-      for (int q = 0; q < kTileW; ++q) acc[q] = b;
-#pragma unroll 1
-      for (int kh = 0; kh < K; ++kh) {
-        const int ih = h + kh - P;
-        if (ih < 0 || ih >= H) continue;
-        const scalar_t* row = x_img + ih * row_stride + c;
-        float wk[K];
-#pragma unroll
-        for (int kw = 0; kw < K; ++kw) wk[kw] = w_taps[(kh * K + kw) * C + c];
-#pragma unroll
-        for (int j = 0; j < kTileW + K - 1; ++j) {
-          const int iw = w0 + j - P;
-          const float v = (iw >= 0 && iw < W) ? static_cast<float>(row[int64_t(iw) * C]) : 0.f;
-#pragma unroll
-          for (int kw = 0; kw < K; ++kw) {
-            const int q = j - kw;  // output pixel fed by input column j through tap kw
-            if (q >= 0 && q < kTileW) acc[q] = fmaf(v, wk[kw], acc[q]);
-          }
-        }
-      }
+      conv_row_tile<K, 1>(x_img, w_taps, h, w0, H, W, C, row_stride, c,
+                          bias != nullptr ? static_cast<float>(bias[c]) : 0.f, acc);
 #pragma unroll
       for (int q = 0; q < kTileW; ++q) {
         if (q < pixels) tile[q * C + c] = acc[q];
@@ -169,7 +138,6 @@ template <typename scalar_t, int K>
 __global__ void __launch_bounds__(kMaxThreads)
     dwconv_ln_bwd_dx_kernel(const float* __restrict__ dz, const float* __restrict__ w_flip,
                             scalar_t* __restrict__ dx, int H, int W, int C) {
-  constexpr int P = K / 2;
   const int tiles_per_row = (W + kTileW - 1) / kTileW;
   const int64_t row_stride = int64_t(W) * C;
   const int64_t t = blockIdx.x;
@@ -182,27 +150,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     float acc[kTileW];
-#pragma unroll
-    for (int q = 0; q < kTileW; ++q) acc[q] = 0.f;
-#pragma unroll 1
-    for (int kh = 0; kh < K; ++kh) {
-      const int ih = h + kh - P;
-      if (ih < 0 || ih >= H) continue;
-      const float* row = dz_img + ih * row_stride + c;
-      float wk[K];
-#pragma unroll
-      for (int kw = 0; kw < K; ++kw) wk[kw] = w_flip[(kh * K + kw) * C + c];
-#pragma unroll
-      for (int j = 0; j < kTileW + K - 1; ++j) {
-        const int iw = w0 + j - P;
-        const float v = (iw >= 0 && iw < W) ? row[int64_t(iw) * C] : 0.f;
-#pragma unroll
-        for (int kw = 0; kw < K; ++kw) {
-          const int q = j - kw;
-          if (q >= 0 && q < kTileW) acc[q] = fmaf(v, wk[kw], acc[q]);
-        }
-      }
-    }
+    conv_row_tile<K, 1>(dz_img, w_flip, h, w0, H, W, C, row_stride, c, 0.f, acc);
 #pragma unroll
     for (int q = 0; q < kTileW; ++q) {
       if (q < pixels) dx[(pix0 + q) * C + c] = static_cast<scalar_t>(acc[q]);

@@ -19,22 +19,11 @@
 
 #include <type_traits>
 
+#include "../include/dwconv_cuda.cuh"
 #include "../include/dwconv_ln.h"
 
 namespace convnext_fast {
 namespace {
-
-constexpr int kTileW = 8;
-constexpr int kMaxThreads = 512;
-// kTileW fp32 rows of C channels in shared memory: 96 KiB at C = 3072 (opt-in; sm_80 allows 163
-// KiB per block, sm_90 227 KiB).
-constexpr int64_t kMaxC = 4096;
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -44,7 +33,6 @@ __global__ void __launch_bounds__(kMaxThreads)
                          float* __restrict__ mean_out, float* __restrict__ rstd_out, int H, int W,
                          int C, float eps) {
   extern __shared__ float tile[];  // [kTileW, C]
-  constexpr int P = K / 2;
   const int w0 = blockIdx.x * kTileW, h = blockIdx.y;
   const int64_t n = blockIdx.z;
   const int pixels = min(kTileW, W - w0);
@@ -53,28 +41,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     float acc[kTileW];
-    const float b = bias != nullptr ? static_cast<float>(bias[c]) : 0.f;
-#pragma unroll
-    for (int q = 0; q < kTileW; ++q) acc[q] = b;
-#pragma unroll
-    for (int kh = 0; kh < K; ++kh) {
-      const int ih = h + kh - P;
-      if (ih < 0 || ih >= H) continue;
-      const scalar_t* row = x_img + ih * row_stride + c;
-      float wk[K];
-#pragma unroll
-      for (int kw = 0; kw < K; ++kw) wk[kw] = w_taps[(kh * K + kw) * C + c];
-#pragma unroll
-      for (int j = 0; j < kTileW + K - 1; ++j) {
-        const int iw = w0 + j - P;
-        const float v = (iw >= 0 && iw < W) ? static_cast<float>(row[int64_t(iw) * C]) : 0.f;
-#pragma unroll
-        for (int kw = 0; kw < K; ++kw) {
-          const int q = j - kw;  // output pixel fed by input column j through tap kw
-          if (q >= 0 && q < kTileW) acc[q] = fmaf(v, wk[kw], acc[q]);
-        }
-      }
-    }
+    conv_row_tile<K, K>(x_img, w_taps, h, w0, H, W, C, row_stride, c,
+                        bias != nullptr ? static_cast<float>(bias[c]) : 0.f, acc);
 #pragma unroll
     for (int q = 0; q < kTileW; ++q) {
       if (q < pixels) tile[q * C + c] = acc[q];

@@ -1,0 +1,56 @@
+// What the CUDA dwconv_ln kernels (forward, backward) share: the tile shape, the channel limit,
+// a warp reduction and the depthwise conv of one row tile. Included by csrc/cuda/*.cu only.
+#pragma once
+
+#include <cstdint>
+
+namespace convnext_fast {
+
+// A block owns kTileW consecutive pixels of one image row.
+constexpr int kTileW = 8;
+constexpr int kMaxThreads = 512;
+// kTileW fp32 rows of C channels in shared memory: 128 KiB at C = 4096 (opted in above the default
+// 48 KiB; sm_80 allows 163 KiB per block, sm_90 227 KiB).
+constexpr int64_t kMaxC = 4096;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Channel c of the kTileW output pixels (h, w0 .. w0 + kTileW) of a 'same'-padded depthwise KxK
+// conv: acc[q] = init + sum_{kh, kw} img[h + kh - P, w0 + q + kw - P, c] * taps[(kh * K + kw) * C + c].
+// img is one NHWC image (row_stride = W * C); taps are transposed to [K * K, C] so loads coalesce
+// across the threads of a block (consecutive c). The thread slides along the row: each input of a
+// kernel row is loaded once and fed to all K taps from registers. kUnrollRows unrolls the kernel
+// rows (K: fastest; 1: fewer registers where the caller holds more state).
+template <int K, int kUnrollRows, typename in_t>
+__device__ __forceinline__ void conv_row_tile(const in_t* __restrict__ img, const float* __restrict__ taps,
+                                              int h, int w0, int H, int W, int C, int64_t row_stride,
+                                              int c, float init, float (&acc)[kTileW]) {
+  constexpr int P = K / 2;
+#pragma unroll
+  for (int q = 0; q < kTileW; ++q) acc[q] = init;
+#pragma unroll(kUnrollRows)
+  for (int kh = 0; kh < K; ++kh) {
+    const int ih = h + kh - P;
+    if (ih < 0 || ih >= H) continue;
+    const in_t* row = img + ih * row_stride + c;
+    float wk[K];
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw) wk[kw] = taps[(kh * K + kw) * C + c];
+#pragma unroll
+    for (int j = 0; j < kTileW + K - 1; ++j) {
+      const int iw = w0 + j - P;
+      const float v = (iw >= 0 && iw < W) ? static_cast<float>(row[int64_t(iw) * C]) : 0.f;
+#pragma unroll
+      for (int kw = 0; kw < K; ++kw) {
+        const int q = j - kw;  // output pixel fed by input column j through tap kw
+        if (q >= 0 && q < kTileW) acc[q] = fmaf(v, wk[kw], acc[q]);
+      }
+    }
+  }
+}
+
+}  // namespace convnext_fast
