@@ -124,30 +124,13 @@ inline void weight_grad_row(float* part_dw, const float* dz, const float* rows, 
   }
 }
 
-// Fills the zero-padded [k, W + 2p, C] fp32 window of source rows h - p .. h + p of image n.
-template <typename scalar_t>
-inline void load_window(float* rows, const scalar_t* src, int64_t n, int64_t h, int64_t H,
-                        int64_t W, int64_t C, int64_t k) {
-  const int64_t p = k / 2, Wp = W + 2 * p;
-  for (const auto kh : c10::irange(k)) {
-    const int64_t ih = h + kh - p;
-    float* dst = rows + kh * Wp * C;
-    if (ih < 0 || ih >= H) {
-      std::fill(dst, dst + Wp * C, 0.f);
-    } else {
-      // Padding columns stay zero from the allocation; only the interior is rewritten.
-      cpu::widen(src + ((n * H + ih) * W) * C, dst + p * C, W * C);
-    }
-  }
-}
-
 template <typename scalar_t>
 void dwconv_ln_bwd_cpu_kernel(const scalar_t* grad_y, const scalar_t* x, const float* w_taps,
                               const float* w_taps_flipped, const float* conv_bias,
                               const float* ln_w, const float* mean, const float* rstd,
                               scalar_t* dx, float* dw_taps, float* db, float* dlw, float* dlb,
                               int64_t N, int64_t C, int64_t H, int64_t W, int64_t k) {
-  const int64_t p = k / 2, Wp = W + 2 * p, KK = k * k;
+  const int64_t p = k / 2, KK = k * k;
   const int64_t rows_total = N * H;
   const int64_t rows_per_block = (rows_total + kMaxBlocks - 1) / kMaxBlocks;
   const int64_t n_blocks = (rows_total + rows_per_block - 1) / rows_per_block;
@@ -158,7 +141,7 @@ void dwconv_ln_bwd_cpu_kernel(const scalar_t* grad_y, const scalar_t* x, const f
   float* dz = dz_buf.data_ptr<float>();
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<float> rows(k * Wp * C, 0.f);
+    cpu::RowWindow window(k, W, C);
     std::vector<float> gy_row(W * C);
     for (int64_t blk = b_begin; blk < b_end; ++blk) {
       float* part_dw = partials.data() + blk * part_size;
@@ -168,19 +151,19 @@ void dwconv_ln_bwd_cpu_kernel(const scalar_t* grad_y, const scalar_t* x, const f
       const int64_t r_end = std::min(rows_total, (blk + 1) * rows_per_block);
       for (int64_t nh = blk * rows_per_block; nh < r_end; ++nh) {
         const int64_t n = nh / H, h = nh % H;
-        load_window(rows.data(), x, n, h, H, W, C, k);
+        const float* rows = window.rows(x, n, h, H);
         cpu::widen(grad_y + nh * W * C, gy_row.data(), W * C);
         const int64_t kh_lo = std::max<int64_t>(0, p - h);
         const int64_t kh_hi = std::min<int64_t>(k, H + p - h);
         float* dz_row = dz + nh * W * C;
         // z goes to the dz row first and is overwritten by dz pixel by pixel: no scratch.
-        cpu::conv_row(dz_row, rows.data(), Wp * C, w_taps, conv_bias, C, W, k, kh_lo, kh_hi);
+        cpu::conv_row(dz_row, rows, window.row_stride(), w_taps, conv_bias, C, W, k, kh_lo, kh_hi);
         for (const auto w : c10::irange(W)) {
           float* zp = dz_row + w * C;
           ln_backward_pixel(zp, gy_row.data() + w * C, ln_w, mean[nh * W + w], rstd[nh * W + w], zp,
                             part_dlw, part_dlb, part_dcb, C);
         }
-        weight_grad_row(part_dw, dz_row, rows.data(), Wp * C, C, W, k, kh_lo, kh_hi);
+        weight_grad_row(part_dw, dz_row, rows, window.row_stride(), C, W, k, kh_lo, kh_hi);
       }
     }
   });
@@ -200,15 +183,15 @@ void dwconv_ln_bwd_cpu_kernel(const scalar_t* grad_y, const scalar_t* x, const f
 
   // dx: the forward's conv loop over the dz window, taps flipped, no bias.
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows(k * Wp * C, 0.f);
+    cpu::RowWindow window(k, W, C);
     std::vector<float> acc(W * C);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
-      load_window(rows.data(), static_cast<const float*>(dz), n, h, H, W, C, k);
+      const float* rows = window.rows(static_cast<const float*>(dz), n, h, H);
       const int64_t kh_lo = std::max<int64_t>(0, p - h);
       const int64_t kh_hi = std::min<int64_t>(k, H + p - h);
-      cpu::conv_row(acc.data(), rows.data(), Wp * C, w_taps_flipped, nullptr, C, W, k, kh_lo,
-                    kh_hi);
+      cpu::conv_row(acc.data(), rows, window.row_stride(), w_taps_flipped, nullptr, C, W, k,
+                    kh_lo, kh_hi);
       cpu::narrow(acc.data(), dx + nh * W * C, W * C);
     }
   });

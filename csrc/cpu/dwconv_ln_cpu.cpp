@@ -1,11 +1,11 @@
 // dwconv_ln forward on the CPU: depthwise kxk conv ('same' padding, stride 1) + bias, then
 // LayerNorm over C, for channels_last (NHWC) tensors.
 //
-// Work is split over output rows (n, h) with at::parallel_for. For one output row, the k input
-// rows it needs are first widened to fp32 into a zero-padded [k, W + 2p, C] scratch buffer, so the
-// k*k tap loop has no bounds checks and reads every element as fp32 whatever the input dtype; the
-// copy costs k loads per input element against k*k FMAs. The conv output of one row ([W, C] fp32)
-// stays in a per-thread scratch buffer and is normalised right away: it never touches memory.
+// Work is split over output rows (n, h) with at::parallel_for. The k input rows an output row
+// needs are widened to fp32 in a zero-padded ring of rows (cpu::RowWindow: one new row per output
+// row), so the tap loop has no bounds checks and reads fp32 whatever the input dtype. The conv
+// (cpu::conv_row, register-blocked along W) writes one output row ([W, C] fp32) to a per-thread
+// scratch buffer, normalised right away: the conv output never touches memory.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../include/cpu_vec.h"
@@ -23,35 +24,66 @@ namespace {
 
 using cpu::Vec;
 using cpu::narrow;
-using cpu::vec_sum;
 using cpu::widen;
 
-// In place: a[c] -= mu; returns sum of squares of the centered values.
-inline float center_and_sumsq(float* a, float mu, int64_t C) {
-  const Vec m(mu);
-  Vec s(0.f);
+// The per-pixel reductions keep four vector accumulators: one would chain every add on the
+// previous one (FMA latency, not throughput, would bound them).
+inline float row_sum(const float* a, int64_t C) {
+  Vec s0(0.f), s1(0.f), s2(0.f), s3(0.f);
+  constexpr int64_t V = Vec::size();
   int64_t c = 0;
-  for (; c + Vec::size() <= C; c += Vec::size()) {
-    const Vec d = Vec::loadu(a + c) - m;
-    d.store(a + c);
-    s = at::vec::fmadd(d, d, s);
+  for (; c + 4 * V <= C; c += 4 * V) {
+    s0 = s0 + Vec::loadu(a + c);
+    s1 = s1 + Vec::loadu(a + c + V);
+    s2 = s2 + Vec::loadu(a + c + 2 * V);
+    s3 = s3 + Vec::loadu(a + c + 3 * V);
   }
-  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), s);
-  for (; c < C; ++c) {
-    a[c] -= mu;
-    total += a[c] * a[c];
-  }
+  for (; c + V <= C; c += V) s0 = s0 + Vec::loadu(a + c);
+  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), (s0 + s1) + (s2 + s3));
+  for (; c < C; ++c) total += a[c];
   return total;
 }
 
-// In place: a[c] = a[c] * rstd * w[c] + b[c].
-inline void scale_shift(float* a, float rstd, const float* w, const float* b, int64_t C) {
-  const Vec r(rstd);
+// Sum of squares of a[c] - mu (two-pass variance: exact for large means, unlike E[x^2]-E[x]^2).
+inline float centered_sumsq(const float* a, float mu, int64_t C) {
+  const Vec m(mu);
+  Vec s0(0.f), s1(0.f), s2(0.f), s3(0.f);
+  constexpr int64_t V = Vec::size();
+  int64_t c = 0;
+  for (; c + 4 * V <= C; c += 4 * V) {
+    const Vec d0 = Vec::loadu(a + c) - m, d1 = Vec::loadu(a + c + V) - m;
+    const Vec d2 = Vec::loadu(a + c + 2 * V) - m, d3 = Vec::loadu(a + c + 3 * V) - m;
+    s0 = at::vec::fmadd(d0, d0, s0);
+    s1 = at::vec::fmadd(d1, d1, s1);
+    s2 = at::vec::fmadd(d2, d2, s2);
+    s3 = at::vec::fmadd(d3, d3, s3);
+  }
+  for (; c + V <= C; c += V) {
+    const Vec d = Vec::loadu(a + c) - m;
+    s0 = at::vec::fmadd(d, d, s0);
+  }
+  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), (s0 + s1) + (s2 + s3));
+  for (; c < C; ++c) total += (a[c] - mu) * (a[c] - mu);
+  return total;
+}
+
+// out[c] = (a[c] - mu) * rstd * w[c] + b[c]; fp32 out is written directly, other dtypes through a.
+template <typename scalar_t>
+inline void normalize(float* a, float mu, float rstd, const float* w, const float* b,
+                      scalar_t* out, int64_t C) {
+  float* dst;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    dst = out;
+  } else {
+    dst = a;
+  }
+  const Vec m(mu), r(rstd);
   int64_t c = 0;
   for (; c + Vec::size() <= C; c += Vec::size()) {
-    at::vec::fmadd(Vec::loadu(a + c) * r, Vec::loadu(w + c), Vec::loadu(b + c)).store(a + c);
+    at::vec::fmadd((Vec::loadu(a + c) - m) * r, Vec::loadu(w + c), Vec::loadu(b + c)).store(dst + c);
   }
-  for (; c < C; ++c) a[c] = a[c] * rstd * w[c] + b[c];
+  for (; c < C; ++c) dst[c] = (a[c] - mu) * rstd * w[c] + b[c];
+  if constexpr (!std::is_same_v<scalar_t, float>) narrow(a, out, C);
 }
 
 template <typename scalar_t>
@@ -60,34 +92,23 @@ void dwconv_ln_cpu_kernel(const scalar_t* x, const float* w_taps, const float* c
                           float* rstd_out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t k,
                           double eps) {
   const int64_t p = k / 2;
-  const int64_t Wp = W + 2 * p;
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows(k * Wp * C, 0.f);
+    cpu::RowWindow window(k, W, C);
     std::vector<float> acc_row(W * C);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
-      for (const auto kh : c10::irange(k)) {
-        const int64_t ih = h + kh - p;
-        float* dst = rows.data() + kh * Wp * C;
-        if (ih < 0 || ih >= H) {
-          std::fill(dst, dst + Wp * C, 0.f);
-        } else {
-          // Padding columns stay zero from the allocation; only the interior is rewritten.
-          widen(x + ((n * H + ih) * W) * C, dst + p * C, W * C);
-        }
-      }
+      const float* rows = window.rows(x, n, h, H);
       // Rows outside the image contribute nothing: restrict kh instead of testing every tap.
       const int64_t kh_lo = std::max<int64_t>(0, p - h);
       const int64_t kh_hi = std::min<int64_t>(k, H + p - h);
-      cpu::conv_row(acc_row.data(), rows.data(), Wp * C, w_taps, conv_bias, C, W, k, kh_lo, kh_hi);
+      cpu::conv_row(acc_row.data(), rows, window.row_stride(), w_taps, conv_bias, C, W, k, kh_lo,
+                    kh_hi);
       for (const auto w : c10::irange(W)) {
         float* acc = acc_row.data() + w * C;
-        // Two-pass statistics over the cached row: exact for large means, unlike E[x^2]-E[x]^2.
-        const float muf = vec_sum(acc, C) / C;
-        const float var = center_and_sumsq(acc, muf, C) / C;
+        const float muf = row_sum(acc, C) / C;
+        const float var = centered_sumsq(acc, muf, C) / C;
         const float rstdf = 1.f / std::sqrt(var + static_cast<float>(eps));
-        scale_shift(acc, rstdf, ln_w, ln_b, C);
-        narrow(acc, y + (nh * W + w) * C, C);
+        normalize(acc, muf, rstdf, ln_w, ln_b, y + (nh * W + w) * C, C);
         mean_out[nh * W + w] = muf;
         rstd_out[nh * W + w] = rstdf;
       }

@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "../include/checks.h"
+#include "../include/cpu_vec.h"
 
 namespace convnext_fast {
 namespace {
@@ -93,14 +94,13 @@ inline acc_t gelu_scalar(acc_t x) {
 template <typename acc_t>
 void bias_gelu_rows(acc_t* h, const acc_t* b1, int64_t r0, int64_t r1, int64_t D) {
   using V = Vec<acc_t>;
-  const V half(acc_t(0.5)), one(acc_t(1)), alpha(acc_t(M_SQRT1_2));
   for (int64_t r = r0; r < r1; ++r) {
     acc_t* row = h + r * D;
     int64_t d = 0;
     for (; d + V::size() <= D; d += V::size()) {
       V x = V::loadu(row + d);
       if (b1 != nullptr) x = x + V::loadu(b1 + d);
-      (x * half * (one + (x * alpha).erf())).store(row + d);
+      (x * cpu::normal_cdf(x)).store(row + d);
     }
     for (; d < D; ++d) row[d] = gelu_scalar(b1 != nullptr ? row[d] + b1[d] : row[d]);
   }
@@ -112,26 +112,39 @@ template <typename scalar_t, typename acc_t>
 void output_rows(const acc_t* o, const acc_t* b2, const acc_t* gamma, const scalar_t* residual,
                  scalar_t* out, acc_t* scratch, int64_t r0, int64_t r1, int64_t C) {
   using V = Vec<acc_t>;
+  constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
   for (int64_t r = r0; r < r1; ++r) {
     const acc_t* orow = o + r * C;
-    acc_t* res = scratch;
-    if (residual != nullptr) convert(residual + r * C, res, C);
+    // fp32/fp64 rows are read and written in place; reduced precision goes through the fp32
+    // scratch row.
+    const acc_t* res = nullptr;
+    acc_t* dst;
+    if constexpr (kSame) {
+      if (residual != nullptr) res = residual + r * C;
+      dst = out + r * C;
+    } else {
+      if (residual != nullptr) {
+        convert(residual + r * C, scratch, C);
+        res = scratch;
+      }
+      dst = scratch;
+    }
     int64_t c = 0;
     for (; c + V::size() <= C; c += V::size()) {
       V v = V::loadu(orow + c);
       if (b2 != nullptr) v = v + V::loadu(b2 + c);
       if (gamma != nullptr) v = v * V::loadu(gamma + c);
-      if (residual != nullptr) v = v + V::loadu(res + c);
-      v.store(res + c);
+      if (res != nullptr) v = v + V::loadu(res + c);
+      v.store(dst + c);
     }
     for (; c < C; ++c) {
       acc_t v = orow[c];
       if (b2 != nullptr) v += b2[c];
       if (gamma != nullptr) v *= gamma[c];
-      if (residual != nullptr) v += res[c];
-      res[c] = v;
+      if (res != nullptr) v += res[c];
+      dst[c] = v;
     }
-    convert(res, out + r * C, C);
+    if constexpr (!kSame) convert(scratch, out + r * C, C);
   }
 }
 
@@ -371,8 +384,7 @@ at::Tensor mlp_cpu(const at::Tensor& y, const at::Tensor& fc1_weight,
 template <typename acc_t>
 void bias_gelu_grad_rows(acc_t* h, acc_t* dg, const acc_t* b1, int64_t r0, int64_t r1, int64_t D) {
   using V = Vec<acc_t>;
-  const V half(acc_t(0.5)), one(acc_t(1)), alpha(acc_t(M_SQRT1_2)),
-      norm(acc_t(0.3989422804014327)), mhalf(acc_t(-0.5));  // 1/sqrt(2 pi)
+  const V norm(acc_t(0.3989422804014327)), mhalf(acc_t(-0.5));  // 1/sqrt(2 pi)
   for (int64_t r = r0; r < r1; ++r) {
     acc_t* hrow = h + r * D;
     acc_t* grow = dg + r * D;
@@ -380,7 +392,7 @@ void bias_gelu_grad_rows(acc_t* h, acc_t* dg, const acc_t* b1, int64_t r0, int64
     for (; d + V::size() <= D; d += V::size()) {
       V x = V::loadu(hrow + d);
       if (b1 != nullptr) x = x + V::loadu(b1 + d);
-      const V cdf = half * (one + (x * alpha).erf());
+      const V cdf = cpu::normal_cdf(x);
       (x * cdf).store(hrow + d);
       (cdf + x * norm * (mhalf * x * x).exp()).store(grow + d);
     }

@@ -5,8 +5,11 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace convnext_fast {
 namespace cpu {
@@ -24,15 +27,6 @@ inline void narrow(const float* src, scalar_t* dst, int64_t n) {
   at::vec::convert(src, dst, n);
 }
 
-inline float vec_sum(const float* a, int64_t n) {
-  Vec s(0.f);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) s = s + Vec::loadu(a + c);
-  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), s);
-  for (; c < n; ++c) total += a[c];
-  return total;
-}
-
 // dst[0:n] += src[0:n]
 inline void add_into(float* dst, const float* src, int64_t n) {
   int64_t c = 0;
@@ -40,6 +34,40 @@ inline void add_into(float* dst, const float* src, int64_t n) {
     (Vec::loadu(dst + c) + Vec::loadu(src + c)).store(dst + c);
   }
   for (; c < n; ++c) dst[c] += src[c];
+}
+
+// erf for the GELU epilogues. fp32: a [13/8]-degree odd rational of x (the coefficients of
+// Eigen's and XLA's fp32 erf; |x| clamped to 4, beyond which fp32 erf is +-1 to within 2e-8),
+// max abs error 4.2e-7 against fp64 (at |x| = 3.6; tests/ops/test_mlp.py checks the GELU over
+// [-10, 10]). It costs about half of at::vec's erf (Abramowitz-Stegun 7.1.26 around a Sleef exp,
+// error 1.5e-7), which was ~20% of the GEMM time of a ConvNeXt stage-1 mlp tile.
+// fp64 keeps at::vec's erf.
+inline at::vec::Vectorized<float> erf_fast(at::vec::Vectorized<float> x) {
+  using V = at::vec::Vectorized<float>;
+  x = at::vec::minimum(at::vec::maximum(x, V(-4.f)), V(4.f));
+  const V x2 = x * x;
+  V p(-2.72614225801306e-10f);
+  p = at::vec::fmadd(p, x2, V(2.77068142495902e-08f));
+  p = at::vec::fmadd(p, x2, V(-2.10102402082508e-06f));
+  p = at::vec::fmadd(p, x2, V(-5.69250639462346e-05f));
+  p = at::vec::fmadd(p, x2, V(-7.34990630326855e-04f));
+  p = at::vec::fmadd(p, x2, V(-2.95459980854025e-03f));
+  p = at::vec::fmadd(p, x2, V(-1.60960333262415e-02f));
+  V q(-1.45660718464996e-05f);
+  q = at::vec::fmadd(q, x2, V(-2.13374055278905e-04f));
+  q = at::vec::fmadd(q, x2, V(-1.68282697438203e-03f));
+  q = at::vec::fmadd(q, x2, V(-7.37332916720468e-03f));
+  q = at::vec::fmadd(q, x2, V(-1.42647390514189e-02f));
+  return x * p / q;
+}
+
+inline at::vec::Vectorized<double> erf_fast(at::vec::Vectorized<double> x) { return x.erf(); }
+
+// Phi(x) = P(X <= x), X ~ N(0, 1): gelu_erf(x) = x * Phi(x).
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> normal_cdf(at::vec::Vectorized<acc_t> x) {
+  using V = at::vec::Vectorized<acc_t>;
+  return V(acc_t(0.5)) * (V(acc_t(1)) + erf_fast(x * V(acc_t(M_SQRT1_2))));
 }
 
 // Depthwise kxk conv of one output pixel over a zero-padded fp32 row window:
@@ -90,13 +118,131 @@ inline void conv_pixel_from(float* acc, const float* rows, int64_t row_stride,
   }
 }
 
-// The conv of a whole output row: acc[w * C + c] for w in [0, W), from the padded window (row
-// stride row_stride, pixel stride C). Channel blocks are the outer loop, so the window and taps
-// of one block (k * (W + k - 1) * 32 + k * k * 32 floats) stay in L1 across the row's pixels,
-// instead of streaming all C channels from L2 for every pixel.
+// The k zero-padded fp32 input rows around an output row (h - p .. h + p of image n, each
+// W + 2p pixels of C channels), kept as a ring so that stepping to the next output row widens
+// one new input row instead of k. Each input row is stored twice, in slots s and s + k, so the k
+// rows of any window are contiguous: rows(...)[kh * row_stride()] is input row h - p + kh.
+// Rows outside the image are never written: the conv loops skip them (kh_lo/kh_hi).
+class RowWindow {
+ public:
+  RowWindow(int64_t k, int64_t W, int64_t C)
+      : k_(k), p_(k / 2), W_(W), C_(C), stride_((W + 2 * (k / 2)) * C), buf_(2 * k * stride_, 0.f) {}
+
+  int64_t row_stride() const { return stride_; }
+
+  // Rows of image n around output row h, from src (NHWC, H rows of W * C). Any order of calls
+  // is correct; stepping h up by one within an image widens one row.
+  template <typename scalar_t>
+  const float* rows(const scalar_t* src, int64_t n, int64_t h, int64_t H) {
+    const int64_t lo = h - p_, hi = std::min(h + p_ + 1, H);
+    int64_t ih = std::max<int64_t>(lo, 0);
+    if (n == n_ && ih >= loaded_end_ - k_) {
+      ih = std::max(ih, loaded_end_);  // rows [loaded_end_ - k, loaded_end_) are in the ring
+    } else {
+      loaded_end_ = ih;
+    }
+    n_ = n;
+    for (; ih < hi; ++ih) {
+      float* slot = buf_.data() + (ih % k_) * stride_ + p_ * C_;
+      widen(src + (n * H + ih) * W_ * C_, slot, W_ * C_);
+      std::copy(slot, slot + W_ * C_, slot + k_ * stride_);
+    }
+    loaded_end_ = std::max(loaded_end_, hi);
+    return buf_.data() + (((lo % k_) + k_) % k_) * stride_;
+  }
+
+ private:
+  int64_t k_, p_, W_, C_, stride_;
+  std::vector<float> buf_;
+  int64_t n_ = -1, loaded_end_ = 0;  // input rows [.., loaded_end_) of image n_ are in the ring
+};
+
+// R consecutive output pixels [w0, w0 + R) x one vector of channels at c, kernel size K: per
+// kernel row the K taps stay in registers and every input vector loaded serves up to K outputs,
+// R + K - 1 loads per R * K FMAs (conv_block loads twice per FMA). The R sums are R independent
+// FMA chains: with FMA latency 4-5 and two FMA pipes, R = 4 left the pipes half idle; R = 8 (8
+// sums + 7 taps + 1 input = the 16 AVX2 registers at K = 7) measured 1.2x faster than R = 4 and
+// 1.7x faster than conv_block at ConvNeXt-T's stage-1 shape (benchmarks/results/cpu2core_ops.txt).
+template <int K, int R>
+inline void conv_tile(float* acc, const float* rows, int64_t row_stride, const float* w_taps,
+                      const float* bias, int64_t c, int64_t C, int64_t w0, int64_t kh_lo,
+                      int64_t kh_hi) {
+  Vec a[R];
+  const Vec b = bias != nullptr ? Vec::loadu(bias + c) : Vec(0.f);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) a[r] = b;
+  for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+    const float* row = rows + kh * row_stride + w0 * C + c;
+    const float* wt = w_taps + kh * K * C + c;
+    Vec wv[K];
+#pragma GCC unroll 16
+    for (int kw = 0; kw < K; ++kw) wv[kw] = Vec::loadu(wt + kw * C);
+#pragma GCC unroll 32
+    for (int j = 0; j < R + K - 1; ++j) {
+      const Vec xv = Vec::loadu(row + j * C);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const int kw = j - r;
+        if (kw >= 0 && kw < K) a[r] = at::vec::fmadd(xv, wv[kw], a[r]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) a[r].store(acc + (w0 + r) * C + c);
+}
+
+template <int K>
+inline void conv_row_k(float* acc, const float* rows, int64_t row_stride, const float* w_taps,
+                       const float* bias, int64_t C, int64_t W, int64_t kh_lo, int64_t kh_hi) {
+  constexpr int R = 8;
+  int64_t c = 0;
+  for (; c + Vec::size() <= C; c += Vec::size()) {
+    int64_t w = 0;
+    for (; w + R <= W; w += R) {
+      conv_tile<K, R>(acc, rows, row_stride, w_taps, bias, c, C, w, kh_lo, kh_hi);
+    }
+    if (w + 4 <= W) {
+      conv_tile<K, 4>(acc, rows, row_stride, w_taps, bias, c, C, w, kh_lo, kh_hi);
+      w += 4;
+    }
+    switch (W - w) {  // the row's last pixels: one narrower tile
+      case 3:
+        conv_tile<K, 3>(acc, rows, row_stride, w_taps, bias, c, C, w, kh_lo, kh_hi);
+        break;
+      case 2:
+        conv_tile<K, 2>(acc, rows, row_stride, w_taps, bias, c, C, w, kh_lo, kh_hi);
+        break;
+      case 1:
+        conv_tile<K, 1>(acc, rows, row_stride, w_taps, bias, c, C, w, kh_lo, kh_hi);
+        break;
+      default:
+        break;
+    }
+  }
+  if (c < C) {
+    for (int64_t w = 0; w < W; ++w) {
+      conv_pixel_from(acc + w * C, rows + w * C, row_stride, w_taps, bias, c, C, K, kh_lo, kh_hi);
+    }
+  }
+}
+
+// The conv of a whole output row: acc[w * C + c] for w in [0, W), from the zero-padded window
+// (k rows of W + k - 1 pixels; row stride row_stride, pixel stride C). ConvNeXt's kernel sizes
+// take the register-blocked path; channel vectors are the outer loop, so the window and taps of
+// one vector stay in L1 across the row. Other odd k: blocks of 4 vectors per pixel.
 inline void conv_row(float* acc, const float* rows, int64_t row_stride, const float* w_taps,
                      const float* bias, int64_t C, int64_t W, int64_t k, int64_t kh_lo,
                      int64_t kh_hi) {
+  switch (k) {
+    case 3:
+      return conv_row_k<3>(acc, rows, row_stride, w_taps, bias, C, W, kh_lo, kh_hi);
+    case 5:
+      return conv_row_k<5>(acc, rows, row_stride, w_taps, bias, C, W, kh_lo, kh_hi);
+    case 7:
+      return conv_row_k<7>(acc, rows, row_stride, w_taps, bias, C, W, kh_lo, kh_hi);
+    default:
+      break;
+  }
   constexpr int64_t kBlock = 4 * Vec::size();
   int64_t c0 = 0;
   for (; c0 + kBlock <= C; c0 += kBlock) {
