@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -168,7 +168,9 @@ def make_runner(provider: str, ref: torch.nn.Module, x: torch.Tensor, mode: str 
         model = copy.deepcopy(ref)
         patch_timm(model)
     else:
-        model = from_timm(ref)
+        # The layout make_reference gives timm: channels_last 4-D weights spare the stem and
+        # downsample convs a weight reorder per call (the trunk is NHWC).
+        model = from_timm(ref).to(memory_format=torch.channels_last)
     model.train(training)
     if provider == "timm_compile":
         model = torch.compile(model, mode=compile_mode or ("max-autotune" if x.is_cuda else None))
@@ -197,8 +199,9 @@ def bench_model(model: str = "convnext_tiny", device: str = "cpu", dtype: str = 
     """Throughput of ``model`` per provider (inference, or a training step with ``mode="train"``),
     with parity of the logits against timm eager.
 
-    All providers share one set of random weights (timm's init, seed 0) and one input. A provider
-    that cannot run here is left out (``provider_unavailable`` says why).
+    All providers share one set of random weights (timm's init, seed 0) and one input; after
+    their warm-ups they are timed in rounds (one call each per round, ``iters`` rounds, median).
+    A provider that cannot run here is left out (``provider_unavailable`` says why).
     """
     say = progress or (lambda msg: None)
     ref = make_reference(model, device, dtype)
@@ -206,11 +209,11 @@ def bench_model(model: str = "convnext_tiny", device: str = "cpu", dtype: str = 
     x = x.contiguous(memory_format=torch.channels_last)
     cuda = device.startswith("cuda")
 
-    results: Dict[str, ModelResult] = {}
     ref.eval()
     with torch.inference_mode():
         base = ref(x).float()
     scale = base.abs().max().item()
+    runners: Dict[str, Tuple[Callable[[], torch.Tensor], float]] = {}
     for name in providers:
         why = provider_unavailable(name, device, dtype)
         if why:
@@ -220,14 +223,27 @@ def bench_model(model: str = "convnext_tiny", device: str = "cpu", dtype: str = 
         fn = make_runner(name, ref, x, mode, compile_mode)
         out = fn().float()
         err = (out - base).abs().max().item() / max(scale, 1e-12)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            start_mem = torch.cuda.memory_allocated(device)
-        samples = time_callable(fn, device, warmup, iters)
-        peak = (torch.cuda.max_memory_allocated(device) - start_mem) / 2**20 if cuda else None
-        ms = statistics.median(samples) * 1e3
+        time_callable(fn, device, warmup, 0)
+        runners[name] = (fn, err)
+    # Timed in rounds, one call per provider each: drift in the machine's speed (a shared CPU,
+    # GPU clocks) then falls on every provider alike, not on whichever happened to run last.
+    samples: Dict[str, List[float]] = {name: [] for name in runners}
+    peaks: Dict[str, float] = {name: 0.0 for name in runners}
+    for i in range(iters):
+        say(f"{model} {dtype} {mode} batch {batch}: timing round {i + 1}/{iters}")
+        for name, (fn, _) in runners.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+                start_mem = torch.cuda.memory_allocated(device)
+            samples[name] += time_callable(fn, device, 0, 1)
+            if cuda:
+                peaks[name] = max(peaks[name], (torch.cuda.max_memory_allocated(device) - start_mem) / 2**20)
+    results: Dict[str, ModelResult] = {}
+    for name, (_, err) in runners.items():
+        ms = statistics.median(samples[name]) * 1e3
         results[name] = ModelResult(name, model, dtype, batch, resolution, ms, batch / (ms / 1e3), mode,
-                                    err, peak_mem_mb=peak, samples_ms=[s * 1e3 for s in samples])
+                                    err, peak_mem_mb=peaks[name] if cuda else None,
+                                    samples_ms=[t * 1e3 for t in samples[name]])
     eager = results.get("timm")
     comp = results.get("timm_compile")
     for r in results.values():
