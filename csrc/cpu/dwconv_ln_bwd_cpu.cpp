@@ -82,6 +82,21 @@ inline void ln_backward_pixel(float* z, const float* gy, const float* lw, float 
   }
 }
 
+// Channels [c0, C) of the sums below, one at a time (C not a multiple of the vector width).
+inline void weight_grad_scalar(float* part_dw, const float* dz, const float* rows,
+                               int64_t row_stride, int64_t c0, int64_t C, int64_t W, int64_t k,
+                               int64_t kh_lo, int64_t kh_hi) {
+  for (int64_t c = c0; c < C; ++c) {
+    for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
+      for (int64_t kw = 0; kw < k; ++kw) {
+        float a = part_dw[(kh * k + kw) * C + c];
+        for (int64_t w = 0; w < W; ++w) a += dz[w * C + c] * rows[kh * row_stride + (w + kw) * C + c];
+        part_dw[(kh * k + kw) * C + c] = a;
+      }
+    }
+  }
+}
+
 // part_dw[tap, c] += sum over the W pixels of the row of dz[w, c] * window[kh, w + kw, c], for
 // rows kh in [kh_lo, kh_hi) (the others are padding: zero). NV vectors of one tap in registers.
 template <int NV>
@@ -109,19 +124,73 @@ inline int64_t weight_grad_block(float* part_dw, const float* dz, const float* r
   return c0;
 }
 
-inline void weight_grad_row(float* part_dw, const float* dz, const float* rows, int64_t row_stride,
-                            int64_t C, int64_t W, int64_t k, int64_t kh_lo, int64_t kh_hi) {
-  int64_t c = weight_grad_block<4>(part_dw, dz, rows, row_stride, 0, C, W, k, kh_lo, kh_hi);
-  c = weight_grad_block<1>(part_dw, dz, rows, row_stride, c, C, W, k, kh_lo, kh_hi);
-  for (; c < C; ++c) {
+// The same sums for kernel size K and NV vectors of channels from c: the K * NV tap sums of a
+// kernel row stay in registers over the row's pixels (14 sums + 2 dz vectors at K = 7, NV = 2:
+// the 16 AVX2 registers), one dz load per vector and pixel instead of one per tap, and 16 channels
+// = one cache line per pixel, so a row's window stays in L1 (8 channels used half of each line,
+// and at C = 96, W = 56 the window and dz rows overflowed L1). Each tap adds its pixels in order
+// w = 0, 1, ...: the sums are bitwise those of weight_grad_block.
+template <int K, int NV>
+inline int64_t weight_grad_block_k(float* part_dw, const float* dz, const float* rows,
+                                   int64_t row_stride, int64_t c, int64_t C, int64_t W,
+                                   int64_t kh_lo, int64_t kh_hi) {
+  constexpr int64_t V = Vec::size();
+  for (; c + NV * V <= C; c += NV * V) {
     for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
-      for (int64_t kw = 0; kw < k; ++kw) {
-        float a = part_dw[(kh * k + kw) * C + c];
-        for (int64_t w = 0; w < W; ++w) a += dz[w * C + c] * rows[kh * row_stride + (w + kw) * C + c];
-        part_dw[(kh * k + kw) * C + c] = a;
+      float* dst = part_dw + kh * K * C + c;
+      const float* src = rows + kh * row_stride + c;
+      Vec a[K][NV];
+#pragma GCC unroll 16
+      for (int kw = 0; kw < K; ++kw) {
+#pragma GCC unroll 4
+        for (int i = 0; i < NV; ++i) a[kw][i] = Vec::loadu(dst + kw * C + i * V);
+      }
+      for (int64_t w = 0; w < W; ++w) {
+        Vec d[NV];
+#pragma GCC unroll 4
+        for (int i = 0; i < NV; ++i) d[i] = Vec::loadu(dz + w * C + c + i * V);
+#pragma GCC unroll 16
+        for (int kw = 0; kw < K; ++kw) {
+#pragma GCC unroll 4
+          for (int i = 0; i < NV; ++i) {
+            a[kw][i] = at::vec::fmadd(d[i], Vec::loadu(src + (w + kw) * C + i * V), a[kw][i]);
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int kw = 0; kw < K; ++kw) {
+#pragma GCC unroll 4
+        for (int i = 0; i < NV; ++i) a[kw][i].store(dst + kw * C + i * V);
       }
     }
   }
+  return c;
+}
+
+template <int K>
+inline void weight_grad_row_k(float* part_dw, const float* dz, const float* rows,
+                              int64_t row_stride, int64_t C, int64_t W, int64_t kh_lo,
+                              int64_t kh_hi) {
+  int64_t c = weight_grad_block_k<K, 2>(part_dw, dz, rows, row_stride, 0, C, W, kh_lo, kh_hi);
+  c = weight_grad_block_k<K, 1>(part_dw, dz, rows, row_stride, c, C, W, kh_lo, kh_hi);
+  weight_grad_scalar(part_dw, dz, rows, row_stride, c, C, W, K, kh_lo, kh_hi);
+}
+
+inline void weight_grad_row(float* part_dw, const float* dz, const float* rows, int64_t row_stride,
+                            int64_t C, int64_t W, int64_t k, int64_t kh_lo, int64_t kh_hi) {
+  switch (k) {
+    case 3:
+      return weight_grad_row_k<3>(part_dw, dz, rows, row_stride, C, W, kh_lo, kh_hi);
+    case 5:
+      return weight_grad_row_k<5>(part_dw, dz, rows, row_stride, C, W, kh_lo, kh_hi);
+    case 7:
+      return weight_grad_row_k<7>(part_dw, dz, rows, row_stride, C, W, kh_lo, kh_hi);
+    default:
+      break;
+  }
+  int64_t c = weight_grad_block<4>(part_dw, dz, rows, row_stride, 0, C, W, k, kh_lo, kh_hi);
+  c = weight_grad_block<1>(part_dw, dz, rows, row_stride, c, C, W, k, kh_lo, kh_hi);
+  weight_grad_scalar(part_dw, dz, rows, row_stride, c, C, W, k, kh_lo, kh_hi);
 }
 
 template <typename scalar_t>
