@@ -101,12 +101,14 @@ def test_structure_and_param_count_match_timm(name):
     assert n_o == n_t
     if name in PARAM_COUNTS:
         assert n_o == PARAM_COUNTS[name]
-    # the same module types where the parameters live
+    # the same module types where the parameters live (the stem/downsample convs are an
+    # nn.Conv2d subclass, PatchConv2d)
     tm, om = dict(t.named_modules()), dict(o.named_modules())
     for k in ts:
         mod = k.rsplit(".", 1)[0]
         assert type(om[mod]).__name__ == type(tm[mod]).__name__ or {
-            type(om[mod]).__name__, type(tm[mod]).__name__} <= {"LayerNorm", "LayerNorm2d"}, mod
+            type(om[mod]).__name__, type(tm[mod]).__name__} <= {"LayerNorm", "LayerNorm2d"} or (
+            type(tm[mod]) is nn.Conv2d and type(om[mod]).__name__ == "PatchConv2d"), mod
     assert o.feature_info == t.feature_info
     # the variant's settings (conv MLP, layer scale, GRN, eps) are timm's
     for tb, ob in ((t.stages[0].blocks[0], o.stages[0].blocks[0]), (t.stages[3].blocks[-1], o.stages[3].blocks[-1])):
@@ -456,3 +458,34 @@ def test_unsupported_options_raise(kwargs):
 def test_even_kernel_raises():
     with pytest.raises(ValueError, match="odd"):
         create_model("convnext_atto", kernel_sizes=(7, 6, 5, 3), device="meta")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("autocast", [False, True], ids=["stored", "autocast"])
+def test_stem_and_downsample_convs_in_reduced_precision(dtype, autocast):
+    """On a CPU without native bf16/fp16 convolutions, the stem and downsample convs compute in
+    fp32 and round once (PyTorch's own reduced-precision conv there is the slow im2col path)."""
+    from convnext_fast.models.convnext import _CPU_NATIVE_CONV
+
+    o = create_model("convnext_atto")
+    convs = [o.stem[0]] + [s.downsample[1] for s in o.stages if not isinstance(s.downsample, nn.Identity)]
+    assert len(convs) == 4
+    for conv in convs:
+        x = torch.randn(2, conv.in_channels, 8, 8).contiguous(memory_format=torch.channels_last)
+        w, b = conv.weight.detach(), conv.bias.detach()
+        if autocast:
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+                out = conv(x)
+        else:
+            conv.to(dtype)
+            x = x.to(dtype)
+            w, b = w.to(dtype), b.to(dtype)
+            with torch.no_grad():
+                out = conv(x)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+        if _CPU_NATIVE_CONV[dtype]:
+            with torch.no_grad():
+                want = nn.functional.conv2d(x.to(dtype), w.to(dtype), b.to(dtype), stride=conv.stride)
+        else:
+            want = nn.functional.conv2d(x.float(), w.float(), b.float(), stride=conv.stride).to(dtype)
+        assert torch.equal(out, want)
