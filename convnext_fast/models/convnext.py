@@ -85,10 +85,17 @@ class GlobalResponseNorm(nn.Module):
         return x + torch.addcmul(self.bias.view(shape), self.weight.view(shape), x * nx)
 
 
+def _onednn_has(query: str) -> bool:
+    try:
+        return bool(getattr(torch.ops.mkldnn, query)())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 # Whether oneDNN has native bf16 / fp16 convolutions on this CPU (AVX512-BF16, AMX, AVX512-FP16).
 _CPU_NATIVE_CONV = {
-    torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-    torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+    torch.bfloat16: _onednn_has("_is_mkldnn_bf16_supported"),
+    torch.float16: _onednn_has("_is_mkldnn_fp16_supported"),
 }
 
 
