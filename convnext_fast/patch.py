@@ -13,9 +13,11 @@ Each ``ConvNeXtBlock`` whose configuration the fused ops compute exactly runs
 :func:`convnext_fast.ops.dwconv_ln` then :func:`~convnext_fast.ops.mlp` (V1) or
 :func:`~convnext_fast.ops.mlp_grn` (V2). Each ``LayerNorm2d`` outside the blocks (stem,
 downsamples, head) gets a forward that returns channels-last memory, so the trunk is converted to
-NHWC once, at the stem, instead of by every block's op. Modules the ops cannot compute exactly
-(dilation, stride, a tanh GELU, dropout, another norm, ...) keep their forward, and the report says
-which and why. Eligibility is decided once, at patch time, from the module's configuration, so the
+NHWC once, at the stem, instead of by every block's op. The stem and downsample convs compute
+bf16/fp16 in fp32 on a CPU without native reduced-precision convs (PyTorch's own is an im2col
+fallback there, 7-8x slower; elsewhere their forward is unchanged). Modules the ops cannot
+compute exactly (dilation, stride, a tanh GELU, dropout, another norm, ...) keep their forward,
+and the report says which and why. Eligibility is decided once, at patch time, from the module's configuration, so the
 patched forward has no branches on it and ``torch.compile`` sees no graph breaks.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends, ops
+from .models.convnext import patch_conv_forward
 
 __all__ = ["patch_timm", "unpatch_timm", "PatchReport"]
 
@@ -219,6 +222,20 @@ def _uninstall(module: nn.Module) -> bool:
     return True
 
 
+def _stem_and_downsample_convs(model: nn.Module) -> set:
+    """ids of the plain Conv2d of timm ConvNeXt stems and stage downsamples (also under
+    ``features_only``, whose FeatureListNet flattens the stem into ``stem_0``, ``stem_1``)."""
+    found = []
+    for module in model.modules():
+        if _is_timm(module, "ConvNeXt"):
+            found += list(module.stem.children())
+        elif _is_timm(module, "ConvNeXtStage") and isinstance(module.downsample, nn.Sequential):
+            found += list(module.downsample.children())
+        elif _is_timm(module, "FeatureListNet"):
+            found += [child for name, child in module.named_children() if name.startswith("stem_")]
+    return {id(m) for m in found if type(m) is nn.Conv2d}
+
+
 def _check_backend(name: Optional[str], op: str) -> None:
     """Patch-time check of what is static (built, installed); shape support is checked per call."""
     if name is not None:
@@ -232,6 +249,7 @@ def _patch_model(model: nn.Module, backend: Optional[str]) -> PatchReport:
     in_block = {f"{name}.{sub}" if sub else name
                 for name, block in model.named_modules() if _is_timm(block, "ConvNeXtBlock")
                 for sub, _ in block.named_modules()}
+    stem_convs = _stem_and_downsample_convs(model)
     plan = []  # (name, module, forward, what): decided in full before anything is installed
     for name, module in model.named_modules():
         if _MARK in module.__dict__:
@@ -249,6 +267,8 @@ def _patch_model(model: nn.Module, backend: Optional[str]) -> PatchReport:
                 report.skipped.append((name, reason))
                 continue
             plan.append((name, module, _norm2d_forward, "channels-last LayerNorm2d"))
+        elif id(module) in stem_convs:
+            plan.append((name, module, patch_conv_forward, "conv, fp32 compute for bf16/fp16 on CPU"))
         elif type(module).__name__ in ("ConvNeXtBlock", "LayerNorm2d") and not type(module).__module__.startswith("timm."):
             report.skipped.append((name, f"{type(module).__module__}.{type(module).__name__} is not timm's"))
     # An explicit backend that lacks an op the plan needs raises before any module is touched.
@@ -256,7 +276,8 @@ def _patch_model(model: nn.Module, backend: Optional[str]) -> PatchReport:
         _check_backend(backend, op)
     for name, module, forward, what in plan:
         _install(module, forward, backend, what)
-        report.patched.append((name, f"block: {what}" if forward is _block_forward else "LayerNorm2d, channels-last out"))
+        report.patched.append((name, f"block: {what}" if forward is _block_forward else
+                               "LayerNorm2d, channels-last out" if forward is _norm2d_forward else what))
     return report
 
 

@@ -177,3 +177,26 @@ def test_class_level_patch_applies_to_new_models_and_undoes():
     assert not any("forward" in m.__dict__ for m in after.modules())
     with torch.no_grad():
         torch.testing.assert_close(patched_out, created(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["convnext_atto", "convnext_atto_features"])
+def test_stem_and_downsample_convs_compute_reduced_precision_in_fp32(case):
+    """The stem and the three downsample convs are patched (and only those convs); on a CPU
+    without native bf16 convs their bf16 output is the fp32 conv rounded once."""
+    from convnext_fast.models.convnext import _CPU_NATIVE_CONV
+
+    model = _create(case).to(torch.bfloat16)
+    report = convnext_fast.patch_timm(model)
+    convs = [(n, m) for n, m in model.named_modules()
+             if type(m) is torch.nn.Conv2d and "forward" in m.__dict__]
+    assert len(convs) == 4 and all(m.groups == 1 for _, m in convs), [n for n, _ in convs]
+    assert {n for n, what in report.patched if what.startswith("conv")} == {n for n, _ in convs}
+    x = torch.randn(2, 3, 32, 32).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    stem = convs[0][1]
+    with torch.no_grad():
+        got = stem(x)
+        fp32 = torch.nn.functional.conv2d(x.float(), stem.weight.float(), stem.bias.float(), stride=4)
+        native = torch.nn.functional.conv2d(x, stem.weight, stem.bias, stride=4)
+    assert torch.equal(got, native if _CPU_NATIVE_CONV[torch.bfloat16] else fp32.bfloat16())
+    convnext_fast.unpatch_timm(model)
+    assert not any("forward" in m.__dict__ for _, m in convs)

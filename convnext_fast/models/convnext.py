@@ -99,24 +99,29 @@ _CPU_NATIVE_CONV = {
 }
 
 
-class PatchConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and names) for the stem and downsample convs.
+def patch_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Conv2d.forward`` that, on a CPU without native reduced-precision convolutions,
+    computes bf16/fp16 (stored, or under CPU autocast) in fp32 and rounds to that dtype.
 
-    On a CPU without native reduced-precision convolutions, bf16/fp16 (stored, or under CPU
-    autocast) are computed in fp32 and rounded to that dtype: PyTorch's own bf16 conv there is the
-    im2col fallback (``aten::_slow_conv2d_forward``), 7-8x slower than oneDNN's fp32 conv on the
-    2-core dev CPU (ConvNeXt-T's four convs: 22 vs 6 ms at batch 1, 176 vs 21 ms at batch 8), and
-    the fp32 result is also the more accurate one. Elsewhere this is ``nn.Conv2d``.
+    PyTorch's own bf16 conv there is the im2col fallback (``aten::_slow_conv2d_forward``), 7-8x
+    slower than oneDNN's fp32 conv on the 2-core dev CPU (ConvNeXt-T's stem and downsample convs:
+    22 vs 6 ms at batch 1, 176 vs 21 ms at batch 8), and the fp32 result is the more accurate one.
+    Used by :class:`PatchConv2d` and by :func:`convnext_fast.patch_timm` for timm's convs.
     """
+    if x.device.type == "cpu":
+        low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if low in _CPU_NATIVE_CONV and not _CPU_NATIVE_CONV[low]:
+            bias = None if self.bias is None else self.bias.float()
+            with torch.autocast("cpu", enabled=False):
+                return self._conv_forward(x.float(), self.weight.float(), bias).to(low)
+    return self._conv_forward(x, self.weight, self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-            if low in _CPU_NATIVE_CONV and not _CPU_NATIVE_CONV[low]:
-                bias = None if self.bias is None else self.bias.float()
-                with torch.autocast("cpu", enabled=False):
-                    return self._conv_forward(x.float(), self.weight.float(), bias).to(low)
-        return super().forward(x)
+
+class PatchConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and names) for the stem and downsample convs; its forward
+    is :func:`patch_conv_forward` (fp32 compute for bf16/fp16 on CPUs without native ones)."""
+
+    forward = patch_conv_forward
 
 
 class GELU(nn.Module):
