@@ -374,10 +374,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln
     return {dx, dw, db, dlw, dlb};
   }
 
-  // Taps as [k*k, C] fp32 (one contiguous weight row per tap), and the same flipped for dx.
-  const at::Tensor w2d = conv_weight.reshape({C, k, k}).to(at::kFloat);
-  const at::Tensor w_taps = w2d.reshape({C, k * k}).t().contiguous();
-  const at::Tensor w_flip = w2d.flip({1, 2}).reshape({C, k * k}).t().contiguous();
+  // The taps, and the same flipped for dx.
+  const at::Tensor w_taps = cpu::conv_taps(conv_weight), w_flip = cpu::conv_taps(conv_weight, true);
   const at::Tensor b32 =
       conv_bias.has_value() ? conv_bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor lw32 = ln_weight.to(at::kFloat).contiguous();

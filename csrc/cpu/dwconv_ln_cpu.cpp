@@ -171,8 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_cpu(
                                mean.data_ptr<float>(), rstd.data_ptr<float>(), N, C, H, W, k, eps);
     return {y, mean, rstd};
   }
-  // Taps as [k*k, C] fp32 so the inner loop reads one contiguous weight row per tap.
-  const at::Tensor w_taps = conv_weight.reshape({C, k * k}).t().to(at::kFloat).contiguous();
+  const at::Tensor w_taps = cpu::conv_taps(conv_weight);
   const at::Tensor b32 =
       conv_bias.has_value() ? conv_bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor lw32 = ln_weight.to(at::kFloat).contiguous();

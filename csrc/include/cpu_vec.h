@@ -2,13 +2,18 @@
 // at::vec, whatever the storage dtype.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <vector>
 
 namespace convnext_fast {
@@ -34,6 +39,30 @@ inline void add_into(float* dst, const float* src, int64_t n) {
     (Vec::loadu(dst + c) + Vec::loadu(src + c)).store(dst + c);
   }
   for (; c < n; ++c) dst[c] += src[c];
+}
+
+// A depthwise conv weight [C, 1, k, k] (any float dtype) as taps [k * k, C] fp32: one contiguous
+// row of C weights per tap, what the conv loops read. flip reverses the taps (the kernel rotated
+// by 180 degrees, for the input gradient). A blocked loop over 16 channels: ATen's strided
+// transposing copy took 27 us at C = 768, k = 7, a fifth of the whole op at batch 1.
+inline at::Tensor conv_taps(const at::Tensor& conv_weight, bool flip = false) {
+  const at::Tensor w = conv_weight.contiguous();
+  const int64_t C = w.size(0), kk = w.size(2) * w.size(3);
+  at::Tensor taps = at::empty({kk, C}, w.options().dtype(at::kFloat));
+  float* dst = taps.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "conv_taps", [&] {
+    const scalar_t* src = w.data_ptr<scalar_t>();
+    constexpr int64_t kBlock = 16;
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      const int64_t cn = std::min(kBlock, C - c0);
+      for (int64_t t = 0; t < kk; ++t) {
+        const scalar_t* col = src + c0 * kk + (flip ? kk - 1 - t : t);
+        float* row = dst + t * C + c0;
+        for (int64_t i = 0; i < cn; ++i) row[i] = static_cast<float>(col[i * kk]);
+      }
+    }
+  });
+  return taps;
 }
 
 // erf for the GELU epilogues. fp32: a [13/8]-degree odd rational of x (the coefficients of
@@ -126,8 +155,16 @@ inline void conv_pixel_from(float* acc, const float* rows, int64_t row_stride,
 // Rows outside the image are never written: the conv loops skip them (kh_lo/kh_hi).
 class RowWindow {
  public:
+  // Only the padding columns are zeroed: a row's interior is always widened before it is read.
   RowWindow(int64_t k, int64_t W, int64_t C)
-      : k_(k), p_(k / 2), W_(W), C_(C), stride_((W + 2 * (k / 2)) * C), buf_(2 * k * stride_, 0.f) {}
+      : k_(k), p_(k / 2), W_(W), C_(C), stride_((W + 2 * (k / 2)) * C),
+        buf_(new float[2 * k * stride_]) {
+    for (int64_t s = 0; s < 2 * k_; ++s) {
+      float* slot = buf_.get() + s * stride_;
+      std::fill(slot, slot + p_ * C_, 0.f);
+      std::fill(slot + (p_ + W_) * C_, slot + stride_, 0.f);
+    }
+  }
 
   int64_t row_stride() const { return stride_; }
 
@@ -144,80 +181,124 @@ class RowWindow {
     }
     n_ = n;
     for (; ih < hi; ++ih) {
-      float* slot = buf_.data() + (ih % k_) * stride_ + p_ * C_;
+      float* slot = buf_.get() + (ih % k_) * stride_ + p_ * C_;
       widen(src + (n * H + ih) * W_ * C_, slot, W_ * C_);
       std::copy(slot, slot + W_ * C_, slot + k_ * stride_);
     }
     loaded_end_ = std::max(loaded_end_, hi);
-    return buf_.data() + (((lo % k_) + k_) % k_) * stride_;
+    return buf_.get() + (((lo % k_) + k_) % k_) * stride_;
   }
 
  private:
   int64_t k_, p_, W_, C_, stride_;
-  std::vector<float> buf_;
+  std::unique_ptr<float[]> buf_;
   int64_t n_ = -1, loaded_end_ = 0;  // input rows [.., loaded_end_) of image n_ are in the ring
 };
 
-// R consecutive output pixels [w0, w0 + R) x one vector of channels at c, kernel size K: per
-// kernel row the K taps stay in registers and every input vector loaded serves up to K outputs,
-// R + K - 1 loads per R * K FMAs (conv_block loads twice per FMA). The R sums are R independent
-// FMA chains: with FMA latency 4-5 and two FMA pipes, R = 4 left the pipes half idle; R = 8 (8
-// sums + 7 taps + 1 input = the 16 AVX2 registers at K = 7) measured 1.2x faster than R = 4 and
-// 1.7x faster than conv_block at ConvNeXt-T's stage-1 shape (benchmarks/results/cpu2core_ops.txt).
+// One kernel row of a tile: a[r] += sum over kw of row[(r + kw) * C] * wt[kw * C], r < R. The K
+// taps stay in registers and every input vector loaded serves up to K outputs: R + K - 1 loads
+// per R * K FMAs (conv_block loads twice per FMA).
+template <int K, int R>
+inline void conv_tile_row(Vec (&a)[R], const float* row, const float* wt, int64_t C) {
+  Vec wv[K];
+#pragma GCC unroll 16
+  for (int kw = 0; kw < K; ++kw) wv[kw] = Vec::loadu(wt + kw * C);
+#pragma GCC unroll 32
+  for (int j = 0; j < R + K - 1; ++j) {
+    const Vec xv = Vec::loadu(row + j * C);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int kw = j - r;
+      if (kw >= 0 && kw < K) a[r] = at::vec::fmadd(xv, wv[kw], a[r]);
+    }
+  }
+}
+
+// Accumulator sets of an R-pixel tile (see conv_tile): enough independent FMA chains for narrow
+// tiles while S * R sums + K taps + 1 input still fit the 16 AVX2 registers.
+constexpr int tile_sets(int R) { return R >= 5 ? 1 : (R >= 3 ? 2 : 4); }
+
+// R consecutive output pixels [w0, w0 + R) x one vector of channels at c, kernel size K. The sums
+// are independent FMA chains, and with FMA latency 4-5 and two FMA pipes ~10 are needed to keep
+// the pipes busy: R = 8 (8 sums + 7 taps + 1 input = the 16 AVX2 registers at K = 7) measured
+// 1.2x faster than R = 4 and 1.7x faster than conv_block at ConvNeXt-T's stage-1 shape
+// (benchmarks/results/cpu2core_ops.txt). Narrow tiles (R < 5) add chains by giving successive
+// kernel rows separate sets of sums (kernel row kh into set (kh - kh_lo) % S), added at the end.
 template <int K, int R>
 inline void conv_tile(float* acc, const float* rows, int64_t row_stride, const float* w_taps,
                       const float* bias, int64_t c, int64_t C, int64_t w0, int64_t kh_lo,
                       int64_t kh_hi) {
-  Vec a[R];
+  constexpr int S = tile_sets(R);
+  Vec a[S][R];
   const Vec b = bias != nullptr ? Vec::loadu(bias + c) : Vec(0.f);
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) a[r] = b;
-  for (int64_t kh = kh_lo; kh < kh_hi; ++kh) {
-    const float* row = rows + kh * row_stride + w0 * C + c;
-    const float* wt = w_taps + kh * K * C + c;
-    Vec wv[K];
-#pragma GCC unroll 16
-    for (int kw = 0; kw < K; ++kw) wv[kw] = Vec::loadu(wt + kw * C);
-#pragma GCC unroll 32
-    for (int j = 0; j < R + K - 1; ++j) {
-      const Vec xv = Vec::loadu(row + j * C);
+  for (int s = 0; s < S; ++s) {
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const int kw = j - r;
-        if (kw >= 0 && kw < K) a[r] = at::vec::fmadd(xv, wv[kw], a[r]);
-      }
+    for (int r = 0; r < R; ++r) a[s][r] = s == 0 ? b : Vec(0.f);
+  }
+  const float* row = rows + w0 * C + c;
+  const float* wt = w_taps + c;
+  int64_t kh = kh_lo;
+  for (; kh + S <= kh_hi; kh += S) {
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+      conv_tile_row<K, R>(a[s], row + (kh + s) * row_stride, wt + (kh + s) * K * C, C);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) a[r].store(acc + (w0 + r) * C + c);
+  for (int s = 0; s + 1 < S; ++s) {
+    if (kh + s < kh_hi) {
+      conv_tile_row<K, R>(a[s], row + (kh + s) * row_stride, wt + (kh + s) * K * C, C);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    Vec sum = a[0][r];
+#pragma GCC unroll 8
+    for (int s = 1; s < S; ++s) sum = sum + a[s][r];
+    sum.store(acc + (w0 + r) * C + c);
+  }
 }
 
 template <int K>
+inline void conv_tile_any(int64_t R, float* acc, const float* rows, int64_t row_stride,
+                          const float* w_taps, const float* bias, int64_t c, int64_t C, int64_t w0,
+                          int64_t kh_lo, int64_t kh_hi) {
+  switch (R) {
+#define CONVNEXT_FAST_CONV_TILE(r)                                                           \
+  case r:                                                                                    \
+    return conv_tile<K, r>(acc, rows, row_stride, w_taps, bias, c, C, w0, kh_lo, kh_hi);
+    CONVNEXT_FAST_CONV_TILE(1)
+    CONVNEXT_FAST_CONV_TILE(2)
+    CONVNEXT_FAST_CONV_TILE(3)
+    CONVNEXT_FAST_CONV_TILE(4)
+    CONVNEXT_FAST_CONV_TILE(5)
+    CONVNEXT_FAST_CONV_TILE(6)
+    CONVNEXT_FAST_CONV_TILE(7)
+    CONVNEXT_FAST_CONV_TILE(8)
+#undef CONVNEXT_FAST_CONV_TILE
+    default:
+      TORCH_INTERNAL_ASSERT(false, "conv_tile_any: tile width ", R, " not in [1, 8]");
+  }
+}
+
+// A row of W outputs is cut into ceil(W / 8) tiles of near-equal width (W = 14: 7 + 7, not
+// 8 + 4 + 2; W = 7: one tile of 7, not 4 + 3): a tile's speed is set by its number of FMA
+// chains, so two tiles of 7 beat 8 + 4 + 2 (benchmarks/results/cpu2core_ops.txt). Every tile is
+// at least 4 wide once W >= 4.
+template <int K>
 inline void conv_row_k(float* acc, const float* rows, int64_t row_stride, const float* w_taps,
                        const float* bias, int64_t C, int64_t W, int64_t kh_lo, int64_t kh_hi) {
-  constexpr int R = 8;
+  constexpr int64_t kMaxR = 8;
+  const int64_t tiles = (W + kMaxR - 1) / kMaxR;
+  const int64_t narrow_w = W / tiles, wide = W % tiles;  // `wide` tiles are one pixel wider
   int64_t c = 0;
   for (; c + Vec::size() <= C; c += Vec::size()) {
     int64_t w = 0;
-    for (; w + R <= W; w += R) {
-      conv_tile<K, R>(acc, rows, row_stride, w_taps, bias, c, C, w, kh_lo, kh_hi);
-    }
-    if (w + 4 <= W) {
-      conv_tile<K, 4>(acc, rows, row_stride, w_taps, bias, c, C, w, kh_lo, kh_hi);
-      w += 4;
-    }
-    switch (W - w) {  // the row's last pixels: one narrower tile
-      case 3:
-        conv_tile<K, 3>(acc, rows, row_stride, w_taps, bias, c, C, w, kh_lo, kh_hi);
-        break;
-      case 2:
-        conv_tile<K, 2>(acc, rows, row_stride, w_taps, bias, c, C, w, kh_lo, kh_hi);
-        break;
-      case 1:
-        conv_tile<K, 1>(acc, rows, row_stride, w_taps, bias, c, C, w, kh_lo, kh_hi);
-        break;
-      default:
-        break;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t R = narrow_w + (t < wide ? 1 : 0);
+      conv_tile_any<K>(R, acc, rows, row_stride, w_taps, bias, c, C, w, kh_lo, kh_hi);
+      w += R;
     }
   }
   if (c < C) {

@@ -27,11 +27,14 @@ def skip_unsupported(shape, backend):
 
 # (N, C, H, W, k): ConvNeXt-T stage shapes at small batch, then odd ones: C not a multiple of the
 # vector width, H != W, H or W smaller than the kernel, 1x1 images, 5x5 and 3x3 kernels, and 9x9
-# and 1x1 (the CPU kernel's generic path; 3/5/7 are register-blocked).
+# and 1x1 (the CPU kernel's generic path; 3/5/7 are register-blocked). The CPU kernel cuts a row
+# into near-equal tiles of at most 8 pixels, narrow ones with extra sets of sums over kernel rows:
+# widths 17 (6+6+5), 12 (6+6), 4 and 2 cover the tile widths and sets the stage shapes do not.
 SHAPES = [
     (1, 96, 56, 56, 7), (2, 192, 28, 28, 7), (2, 384, 14, 14, 7), (2, 768, 7, 7, 7),
     (2, 13, 9, 11, 7), (1, 40, 3, 5, 7), (3, 136, 1, 1, 7), (1, 7, 2, 9, 5), (2, 33, 4, 3, 3),
     (1, 1, 6, 6, 3), (1, 2048, 2, 3, 7), (2, 20, 10, 6, 9), (1, 24, 3, 5, 1),
+    (1, 24, 7, 17, 7), (2, 16, 5, 12, 3), (1, 16, 6, 4, 7), (2, 24, 3, 2, 5),
 ]
 
 
@@ -96,7 +99,7 @@ def test_gradients_match_reference(bias, backend):
 
 BWD_SHAPES = [(2, 96, 14, 14, 7), (1, 384, 7, 7, 7), (2, 13, 9, 11, 7), (1, 40, 3, 5, 7),
               (3, 136, 1, 1, 7), (1, 7, 2, 9, 5), (2, 33, 4, 3, 3), (1, 1, 6, 6, 3),
-              (2, 20, 10, 6, 9)]
+              (2, 20, 10, 6, 9), (1, 24, 7, 17, 7), (1, 16, 6, 4, 7), (2, 24, 3, 2, 5)]
 BWD_NAMES = ("dx", "d_conv_weight", "d_conv_bias", "d_ln_weight", "d_ln_bias")
 
 
