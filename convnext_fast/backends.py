@@ -187,9 +187,10 @@ def select(op: str, device: torch.device, backend: Optional[str], args, kwargs) 
             raise BackendError(f"{op}: backend {name!r} (from {source}) cannot run this call: {reason}")
         return name, _REGISTRY[op][name].fn
     skipped = []
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    dtype = tensors[0].dtype if tensors else None
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    # Runs on every op call (its cost shows at batch 1): no intermediate lists.
+    dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor)), None)
+    training = torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     for candidate in auto_order(op, device.type, dtype, training):
         reason = _why_not(op, candidate, args, kwargs)
         if reason is None:

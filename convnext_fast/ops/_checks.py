@@ -12,6 +12,10 @@ def _shape(t: torch.Tensor) -> list:
     return list(t.shape)
 
 
+def _shape_matches(got: torch.Size, want: Sequence[Optional[int]]) -> bool:
+    return len(got) == len(want) and all(s is None or s == d for s, d in zip(want, got))
+
+
 def check_tensor(op: str, name: str, t, shape: Sequence[Optional[int]], ref: torch.Tensor,
                  optional: bool = False) -> None:
     """``t`` must be a tensor of ``shape`` (None = any size) on ``ref``'s device with its dtype."""
@@ -21,7 +25,8 @@ def check_tensor(op: str, name: str, t, shape: Sequence[Optional[int]], ref: tor
         raise TypeError(f"{op}: {name} must be a tensor, got None")
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+    # The ops run these checks on every call: the common case is one tuple comparison.
+    if t.shape != shape and not _shape_matches(t.shape, shape):
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{op}: {name} must have shape {want}, got {_shape(t)}")
     if t.device != ref.device:
