@@ -38,6 +38,17 @@ def _info(_args) -> int:
         cuda = f"CUDA kernels for {info['cuda_arch_list']}" if info["with_cuda"] else "no CUDA kernels"
         console.print(f"extension: convnext_fast._C built against torch {info['torch_version']}, "
                       f"CPU ISA {info['cpu_flags']}, {cuda}")
+        try:
+            gemm = _ext.cpu_gemm_dtypes()
+        except RuntimeError as e:
+            console.print(f"CPU mlp GEMMs: [red]{e}[/red]")
+        else:
+            forced = os.environ.get("CONVNEXT_FAST_CPU_GEMM")
+            how = (f"set by CONVNEXT_FAST_CPU_GEMM={forced}" if forced and forced != "auto" else
+                   "the input's dtype where oneDNN has it natively; CONVNEXT_FAST_CPU_GEMM=native|fp32 "
+                   "overrides")
+            console.print("CPU mlp GEMMs: " + ", ".join(f"{k} inputs in {v}" for k, v in gemm.items())
+                          + f" ({how})")
     env = os.environ.get(backends.ENV_VAR)
     console.print(f"requested backend: {env + ' (from ' + backends.ENV_VAR + ')' if env else 'automatic'}")
 

@@ -38,6 +38,16 @@ def build_info() -> dict:
     return dict(mod.build_info())
 
 
+def cpu_gemm_dtypes() -> dict:
+    """{"bfloat16": dtype name, "float16": dtype name}: what the CPU mlp forward's GEMMs compute in
+    for inputs of that dtype (the input's own dtype where oneDNN has it natively, else float32);
+    empty without the extension."""
+    mod = load()
+    if mod is None or not hasattr(mod, "cpu_gemm_dtypes"):
+        return {}
+    return dict(mod.cpu_gemm_dtypes())
+
+
 def has_cuda_kernels() -> bool:
     return bool(build_info().get("with_cuda", False))
 

@@ -65,7 +65,8 @@ MEASURED_ORDER: Dict[Tuple[str, str, torch.dtype, bool], Tuple[str, ...]] = {
     ("mlp_grn", "cuda", _FP32, False): ("torch", "triton"),
     # 2-core AVX2 CPU (no AMX), torch 2.14.1, benchmarks/results/cpu2core_ops.txt: C++ cpu vs
     # eager, summed over ConvNeXt-T's 18 blocks. fp32 at batch 8, bf16 at batch 1 (eager bf16 is
-    # ~10x slower than fp32 on this CPU; the C++ kernels compute in fp32).
+    # ~10x slower than fp32 on this CPU; the C++ kernels compute in fp32 here, and their mlp
+    # forward's GEMMs in bf16 where oneDNN has it natively: untimed).
     # forward fp32: 34 ms vs 57 (eager wins at C=768 only); bf16: 5.8 ms vs 386
     ("dwconv_ln", "cpu", _FP32, False): ("cpu", "torch"),
     ("dwconv_ln", "cpu", _BF16, False): ("cpu", "torch"),

@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "include/mlp_cpu.h"
+
 TORCH_LIBRARY(convnext_fast, m) {
   // y = LayerNorm_C(dwconv_kxk(x) + conv_bias); also returns the per-pixel fp32 mean and rstd
   // ([N, H, W]) that the backward reuses. x and y are channels_last [N, C, H, W].
@@ -66,8 +68,31 @@ static PyObject* build_info(PyObject*, PyObject*) {
   return d;
 }
 
+// cpu_gemm_dtypes(): {"bfloat16": ..., "float16": ...}, the dtype the CPU mlp forward's GEMMs run
+// in for inputs of that dtype (what `python -m convnext_fast info` shows).
+static PyObject* cpu_gemm_dtypes(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  try {
+    for (const auto st : {c10::ScalarType::BFloat16, c10::ScalarType::Half}) {
+      const auto gemm = convnext_fast::mlp_cpu_gemm_dtype(st);
+      PyObject* v = PyUnicode_FromString(gemm == c10::ScalarType::BFloat16 ? "bfloat16"
+                                         : gemm == c10::ScalarType::Half   ? "float16"
+                                                                           : "float32");
+      PyDict_SetItemString(d, st == c10::ScalarType::BFloat16 ? "bfloat16" : "float16", v);
+      Py_DECREF(v);
+    }
+  } catch (const c10::Error& e) {
+    Py_DECREF(d);
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+  return d;
+}
+
 static PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "Facts recorded when the extension was built."},
+    {"cpu_gemm_dtypes", cpu_gemm_dtypes, METH_NOARGS,
+     "The dtype of the CPU mlp forward's GEMMs for bf16 and fp16 inputs."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

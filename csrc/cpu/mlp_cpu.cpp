@@ -7,8 +7,12 @@
 // so the [M, D] hidden never goes to memory. The GEMMs are ATen's (at::mm_out into tile buffers:
 // MKL/oneDNN underneath), the bias/GELU and output epilogues are at::vec loops over the tile.
 // Arithmetic is fp32 for fp32/bf16/fp16 (fp64 for fp64): reduced-precision tiles are widened to
-// fp32 in cache and the weights converted once per call, because this AVX2 machine class has no
-// native bf16 GEMM (ATen's bf16 mm runs at ~1/10 of its fp32 rate here).
+// fp32 in cache and the weights converted once per call, because an AVX2 CPU has no native bf16
+// GEMM (ATen's bf16 mm runs at ~1/10 of its fp32 rate on the 2-core dev machine). Where oneDNN
+// has native bf16/fp16 (AVX512-BF16, AMX, AVX512-FP16; ATen's bf16 mm then is oneDNN's, ~3x its
+// fp32 rate with AMX) the forward keeps y, the weights and the hidden tile in the storage dtype
+// for the GEMMs, as PyTorch's bf16 Linear does, and runs only the epilogues in fp32
+// (mlp_fwd_native; CONVNEXT_FAST_CPU_GEMM=native|fp32 overrides the choice).
 //
 // Parallelism (measured, benchmarks/results/cpu2core_ops.txt): with at least two tiles, tiles run
 // in parallel (at::parallel_for) with each GEMM single-threaded inside (7% faster than tiles in
@@ -31,6 +35,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -45,6 +50,7 @@
 
 #include "../include/checks.h"
 #include "../include/cpu_vec.h"
+#include "../include/mlp_cpu.h"
 
 namespace convnext_fast {
 namespace {
@@ -182,17 +188,21 @@ const acc_t* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<acc_t>() : nullptr;
 }
 
+// The weights in `gemm` (the GEMMs' dtype), the bias and layer-scale vectors in `acc` (the
+// epilogues' dtype).
 MlpParams compute_params(const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                          const at::Tensor& w2, const std::optional<at::Tensor>& b2,
-                         const std::optional<at::Tensor>& gamma, at::ScalarType acc) {
+                         const std::optional<at::Tensor>& gamma, at::ScalarType acc,
+                         std::optional<at::ScalarType> gemm = std::nullopt) {
   // Detached, and every parallel region below re-enters the caller's thread-local state
   // (at::ThreadLocalStateGuard): the GEMMs also run on at::parallel_for's worker threads, where
   // the caller's autograd/inference-mode guards would not otherwise reach.
-  auto conv = [acc](const at::Tensor& t) { return t.detach().to(acc).contiguous(); };
+  auto conv = [](const at::Tensor& t, at::ScalarType st) { return t.detach().to(st).contiguous(); };
   auto conv_opt = [&](const std::optional<at::Tensor>& t) {
-    return t.has_value() ? conv(*t) : at::Tensor();
+    return t.has_value() ? conv(*t, acc) : at::Tensor();
   };
-  return {conv(w1), conv(w2), conv_opt(b1), conv_opt(b2), conv_opt(gamma)};
+  const at::ScalarType wt = gemm.value_or(acc);
+  return {conv(w1, wt), conv(w2, wt), conv_opt(b1), conv_opt(b2), conv_opt(gamma)};
 }
 
 void check_mlp(const char* op, const at::Tensor& y, const at::Tensor& w1,
@@ -344,6 +354,85 @@ void mlp_fwd_kernel(const at::Tensor& y, const MlpParams& p, const scalar_t* res
   }
 }
 
+// Whether oneDNN computes this reduced dtype natively: the query behind
+// torch.ops.mkldnn._is_mkldnn_bf16_supported (false on a torch build without oneDNN).
+bool onednn_supports(const char* query) {
+  try {
+    const auto handle = c10::Dispatcher::singleton().findSchema({query, ""});
+    return handle.has_value() && handle->typed<bool()>().call();
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
+}  // namespace
+
+// CONVNEXT_FAST_CPU_GEMM=native|fp32 overrides the choice for bf16/fp16 (the tests run the native
+// path on any CPU this way; ATen's fallback bf16 GEMM is slow there).
+at::ScalarType mlp_cpu_gemm_dtype(at::ScalarType st) {
+  if (st != at::kBFloat16 && st != at::kHalf) return st == at::kDouble ? at::kDouble : at::kFloat;
+  const char* v = std::getenv("CONVNEXT_FAST_CPU_GEMM");
+  if (v != nullptr && *v != '\0' && std::strcmp(v, "auto") != 0) {
+    TORCH_CHECK(std::strcmp(v, "native") == 0 || std::strcmp(v, "fp32") == 0,
+                "CONVNEXT_FAST_CPU_GEMM must be 'auto', 'native' or 'fp32', got '", v, "'");
+    return std::strcmp(v, "native") == 0 ? st : at::kFloat;
+  }
+  static const bool bf16 = onednn_supports("mkldnn::_is_mkldnn_bf16_supported");
+  static const bool fp16 = onednn_supports("mkldnn::_is_mkldnn_fp16_supported");
+  return (st == at::kBFloat16 ? bf16 : fp16) ? st : at::kFloat;
+}
+
+namespace {
+
+// Forward with GEMMs in the storage dtype (bf16/fp16; p.w1/p.w2 in it, p.b1/p.b2/p.gamma fp32):
+// per tile h = y @ W1^T rounds to scalar_t like PyTorch's Linear, bias + GELU run in fp32 and
+// round once, o = h @ W2^T, and the output epilogue runs in fp32 from o. Several tiles run in
+// parallel with single-threaded GEMMs; a single tile (small M) leaves the threads to oneDNN.
+template <typename scalar_t>
+void mlp_fwd_native(const at::Tensor& y, const MlpParams& p, const scalar_t* residual,
+                    at::Tensor& out) {
+  const int64_t C = y.size(1), D = p.w1.size(0), M = y.numel() / C;
+  const auto f32 = y.options().dtype(at::kFloat);
+  const Tiling tl = make_tiling(M, tile_rows_setting(), at::get_num_threads());
+  const at::Tensor w1t = p.w1.t(), w2t = p.w2.t();
+  const at::Tensor y2d = y.permute({0, 2, 3, 1}).reshape({M, C});
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  const float *b1 = ptr_or_null<float>(p.b1), *b2 = ptr_or_null<float>(p.b2),
+              *gamma = ptr_or_null<float>(p.gamma);
+  const at::ThreadLocalState tls;
+  auto run_tiles = [&](int64_t t_begin, int64_t t_end) {
+    const at::ThreadLocalStateGuard tls_guard(tls);
+    at::Tensor hbuf = at::empty({tl.rows, D}, y.options()), obuf = at::empty({tl.rows, C}, y.options());
+    at::Tensor h32buf = at::empty({tl.rows, D}, f32), o32buf = at::empty({tl.rows, C}, f32);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t r0 = t * tl.rows, rows = std::min(tl.rows, M - r0);
+      at::Tensor h = hbuf.narrow(0, 0, rows), o = obuf.narrow(0, 0, rows);
+      at::mm_out(h, y2d.narrow(0, r0, rows), w1t);
+      scalar_t* hp = h.data_ptr<scalar_t>();
+      float* h32 = h32buf.data_ptr<float>();
+      rows_loop(rows, [&](int64_t a, int64_t b) {
+        convert(hp + a * D, h32 + a * D, (b - a) * D);
+        bias_gelu_rows(h32, b1, a, b, D);
+        convert(h32 + a * D, hp + a * D, (b - a) * D);
+      });
+      at::mm_out(o, h, w2t);
+      const scalar_t* op_ = o.data_ptr<scalar_t>();
+      float* o32 = o32buf.data_ptr<float>();
+      rows_loop(rows, [&](int64_t a, int64_t b) {
+        convert(op_ + a * C, o32 + a * C, (b - a) * C);
+        std::vector<float> scratch(C);
+        output_rows<scalar_t, float>(o32, b2, gamma, residual ? residual + r0 * C : nullptr,
+                                     out_ptr + r0 * C, scratch.data(), a, b, C);
+      });
+    }
+  };
+  if (tl.tiles > 1) {
+    at::parallel_for(0, tl.tiles, 1, run_tiles);
+  } else {
+    run_tiles(0, 1);
+  }
+}
+
 at::Tensor mlp_cpu(const at::Tensor& y, const at::Tensor& fc1_weight,
                    const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                    const std::optional<at::Tensor>& fc2_bias, const std::optional<at::Tensor>& gamma,
@@ -364,10 +453,18 @@ at::Tensor mlp_cpu(const at::Tensor& y, const at::Tensor& fc1_weight,
   at::Tensor out = at::empty_like(y, at::MemoryFormat::ChannelsLast);
   if (poison_outputs()) out.fill_(NAN);
   if (y.numel() == 0) return out;
-  const bool fp64 = y.scalar_type() == at::kDouble;
-  const MlpParams p = compute_params(fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
-                                     fp64 ? at::kDouble : at::kFloat);
+  const at::ScalarType gemm = mlp_cpu_gemm_dtype(y.scalar_type());
   const at::Tensor yd = y.detach();
+  if (gemm == y.scalar_type() && gemm != at::kFloat && gemm != at::kDouble) {
+    const MlpParams p =
+        compute_params(fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, at::kFloat, gemm);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "mlp_cpu_native", [&] {
+      const scalar_t* res = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
+      mlp_fwd_native<scalar_t>(yd, p, res, out);
+    });
+    return out;
+  }
+  const MlpParams p = compute_params(fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, gemm);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "mlp_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* res = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;

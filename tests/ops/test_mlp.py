@@ -98,6 +98,52 @@ def test_low_precision_within_2x_pytorch(case, dtype):
             assert_parity(g, w, lp, name=f"{name}{case}")
 
 
+def _storage_dtype_gemms(y, w1, b1, w2, b2, g, r):
+    """The native path's arithmetic in PyTorch: GEMMs in y's dtype (ATen's mm), bias + GELU and the
+    output epilogue in fp32, each result rounded once to y's dtype."""
+    N, C, H, W = y.shape
+    f32 = torch.float32
+    h = torch.mm(y.permute(0, 2, 3, 1).reshape(-1, C), w1.t()).to(f32)
+    h = torch.nn.functional.gelu(h if b1 is None else h + b1.to(f32)).to(y.dtype)
+    o = torch.mm(h, w2.t()).to(f32)
+    o = o if b2 is None else o + b2.to(f32)
+    o = o if g is None else o * g.to(f32)
+    o = o if r is None else o + r.permute(0, 2, 3, 1).reshape(-1, C).to(f32)
+    return o.to(y.dtype).view(N, H, W, C).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_storage_dtype_gemms(case, dtype, monkeypatch):
+    """Where oneDNN has native bf16/fp16 (AMX, AVX512-BF16/FP16) the forward runs its GEMMs in the
+    storage dtype; CONVNEXT_FAST_CPU_GEMM=native takes that path on any CPU. It must meet the parity
+    rule and be that arithmetic (to within one rounding of the GELU), not the fp32-compute path."""
+    args = make_inputs(*case[:4], dtype, *case[4:])
+    ref = reference.mlp(*[to64(t) for t in args])
+    lowp = reference.mlp(*args)
+    out = {}
+    for mode in ("native", "fp32"):
+        monkeypatch.setenv("CONVNEXT_FAST_CPU_GEMM", mode)
+        out[mode] = cpu_mlp(*args)
+        assert out[mode].dtype == dtype
+        assert_parity(out[mode], ref, lowp, name=f"{mode}{case}")
+    emulated = _storage_dtype_gemms(*args)
+    ulp = torch.finfo(dtype).eps * emulated.double().abs().max().item()
+    err_native = (out["native"].double() - emulated.double()).abs().max().item()
+    err_fp32 = (out["fp32"].double() - emulated.double()).abs().max().item()
+    assert err_native <= ulp, f"native path {err_native:.3g} from the storage-dtype GEMMs (1 ulp {ulp:.3g})"
+    assert err_native < err_fp32, "CONVNEXT_FAST_CPU_GEMM=native did not change the GEMMs' dtype"
+
+
+def test_cpu_gemm_setting_rejects_unknown_values(monkeypatch):
+    args = make_inputs(1, 8, 2, 2, torch.bfloat16)
+    monkeypatch.setenv("CONVNEXT_FAST_CPU_GEMM", "amx")
+    with pytest.raises(RuntimeError, match="CONVNEXT_FAST_CPU_GEMM must be 'auto', 'native' or 'fp32'"):
+        cpu_mlp(*args)
+    monkeypatch.setenv("CONVNEXT_FAST_CPU_GEMM", "auto")
+    assert _ext.cpu_gemm_dtypes()["bfloat16"] in ("bfloat16", "float32")
+
+
 def test_fp64_gradcheck():
     args = make_inputs(2, 5, 2, 3, torch.float64)
     leaves = [t.requires_grad_() for t in args]

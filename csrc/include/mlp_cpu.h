@@ -1,0 +1,12 @@
+// What the C++ CPU mlp reports outside its translation unit (csrc/cpu/mlp_cpu.cpp).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+namespace convnext_fast {
+
+// The dtype of the CPU mlp forward's GEMMs for inputs of dtype st: st itself for bf16/fp16 where
+// oneDNN has them natively (or CONVNEXT_FAST_CPU_GEMM=native), else fp32 (fp64 for fp64).
+c10::ScalarType mlp_cpu_gemm_dtype(c10::ScalarType st);
+
+}  // namespace convnext_fast
