@@ -106,7 +106,7 @@ void bias_gelu_rows(acc_t* h, const acc_t* b1, int64_t r0, int64_t r1, int64_t D
     for (; d + V::size() <= D; d += V::size()) {
       V x = V::loadu(row + d);
       if (b1 != nullptr) x = x + V::loadu(b1 + d);
-      (x * cpu::normal_cdf(x)).store(row + d);
+      cpu::gelu_erf(x).store(row + d);
     }
     for (; d < D; ++d) row[d] = gelu_scalar(b1 != nullptr ? row[d] + b1[d] : row[d]);
   }
