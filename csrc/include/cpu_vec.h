@@ -78,16 +78,17 @@ constexpr double kErfP[7] = {-1.60960333262415e-02, -2.95459980854025e-03, -7.34
 constexpr double kErfQ[5] = {-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03,
                              -2.13374055278905e-04, -1.45660718464996e-05};
 
-// sum_i c[i] * scale / 2^i * s^i by Horner's rule, the coefficients rounded to fp32 once.
+// sum_i c[i] * scale * ratio^i * s^i by Horner's rule, each coefficient rounded to fp32 once
+// (the scaling is folded at compile time).
 template <int N>
 inline at::vec::Vectorized<float> horner(const double (&c)[N], at::vec::Vectorized<float> s,
-                                         double scale = 1.0, double halve = 1.0) {
+                                         double scale = 1.0, double ratio = 1.0) {
   using V = at::vec::Vectorized<float>;
   double f = scale;
-  for (int i = 0; i < N - 1; ++i) f *= halve;
+  for (int i = 0; i < N - 1; ++i) f *= ratio;
   V p(static_cast<float>(c[N - 1] * f));
   for (int i = N - 2; i >= 0; --i) {
-    f /= halve;
+    f /= ratio;
     p = at::vec::fmadd(p, s, V(static_cast<float>(c[i] * f)));
   }
   return p;
@@ -111,7 +112,7 @@ inline at::vec::Vectorized<acc_t> normal_cdf(at::vec::Vectorized<acc_t> x) {
 
 // gelu_erf(x) = x * Phi(x). fp32 folds the 1/sqrt(2) and the 1/2 into the rational's
 // coefficients: with u = x clamped to +-4 sqrt(2), gelu(x) = x / 2 + x u P(u^2 / 2) / (2 sqrt(2)
-// Q(u^2 / 2)), 17 vector operations instead of 21 (0.37 vs 0.47 ns per element in the GELU loop
+// Q(u^2 / 2)), 17 vector operations instead of 19 (0.37 vs 0.47 ns per element in the GELU loop
 // on AVX2; max abs error 1.0e-6 against fp64 over [-10, 10], the same tolerance as before).
 inline at::vec::Vectorized<float> gelu_erf(at::vec::Vectorized<float> x) {
   using V = at::vec::Vectorized<float>;
@@ -309,9 +310,10 @@ inline void conv_tile_any(int64_t R, float* acc, const float* rows, int64_t row_
 }
 
 // A row of W outputs is cut into ceil(W / 8) tiles of near-equal width (W = 14: 7 + 7, not
-// 8 + 4 + 2; W = 7: one tile of 7, not 4 + 3): a tile's speed is set by its number of FMA
-// chains, so two tiles of 7 beat 8 + 4 + 2 (benchmarks/results/cpu2core_ops.txt). Every tile is
-// at least 4 wide once W >= 4.
+// 8 + 4 + 2; W = 7: one tile of 7, not 4 + 3). A narrow tile costs more per pixel (more loads per
+// FMA, fewer independent chains): at C = 384, W = 14 the 8-, 4- and 2-pixel tiles took 3.6%, 5.3%
+// and 7.7% of the op per pixel (benchmarks/results/cpu2core_ops.txt). Every tile is at least 4
+// wide once W >= 4.
 template <int K>
 inline void conv_row_k(float* acc, const float* rows, int64_t row_stride, const float* w_taps,
                        const float* bias, int64_t C, int64_t W, int64_t kh_lo, int64_t kh_hi) {
