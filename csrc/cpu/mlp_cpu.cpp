@@ -112,11 +112,13 @@ void bias_gelu_rows(acc_t* h, const acc_t* b1, int64_t r0, int64_t r1, int64_t D
   }
 }
 
-// out[r, :] = residual[r, :] + gamma * (o[r, :] + b2) for rows [r0, r1); o is a tile buffer,
-// residual/out are rows of the NHWC tensors (already offset to the tile).
+// out[r, :] = residual[r, :] + gamma * (o[r, :] + b2) for rows [r0, r1); o is a tile buffer, or
+// the sum of `parts` partial products part_stride apart (added in order), residual/out are rows of
+// the NHWC tensors (already offset to the tile).
 template <typename scalar_t, typename acc_t>
 void output_rows(const acc_t* o, const acc_t* b2, const acc_t* gamma, const scalar_t* residual,
-                 scalar_t* out, acc_t* scratch, int64_t r0, int64_t r1, int64_t C) {
+                 scalar_t* out, acc_t* scratch, int64_t r0, int64_t r1, int64_t C,
+                 int64_t parts = 1, int64_t part_stride = 0) {
   using V = Vec<acc_t>;
   constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
   for (int64_t r = r0; r < r1; ++r) {
@@ -138,6 +140,7 @@ void output_rows(const acc_t* o, const acc_t* b2, const acc_t* gamma, const scal
     int64_t c = 0;
     for (; c + V::size() <= C; c += V::size()) {
       V v = V::loadu(orow + c);
+      for (int64_t q = 1; q < parts; ++q) v = v + V::loadu(orow + q * part_stride + c);
       if (b2 != nullptr) v = v + V::loadu(b2 + c);
       if (gamma != nullptr) v = v * V::loadu(gamma + c);
       if (res != nullptr) v = v + V::loadu(res + c);
@@ -145,6 +148,7 @@ void output_rows(const acc_t* o, const acc_t* b2, const acc_t* gamma, const scal
     }
     for (; c < C; ++c) {
       acc_t v = orow[c];
+      for (int64_t q = 1; q < parts; ++q) v += orow[q * part_stride + c];
       if (b2 != nullptr) v += b2[c];
       if (gamma != nullptr) v *= gamma[c];
       if (res != nullptr) v += res[c];
@@ -291,12 +295,12 @@ void mlp_fwd_split_hidden(const at::Tensor& y2d, const scalar_t* y_ptr, const Ml
       at::mm_out(o, h, w2t.narrow(0, d0, dn));
     }
   });
-  at::Tensor o = partial[0];
-  for (int64_t q = 1; q < parts; ++q) o.add_(partial[q]);
-  const acc_t* op_ = o.data_ptr<acc_t>();
+  // The slices' partial products are summed in slice order inside the output epilogue.
+  const acc_t* op_ = partial.data_ptr<acc_t>();
   at::parallel_for(0, M, 8, [&](int64_t a, int64_t b) {
     std::vector<acc_t> scratch(C);
-    output_rows<scalar_t, acc_t>(op_, b2, gamma, residual, out_ptr, scratch.data(), a, b, C);
+    output_rows<scalar_t, acc_t>(op_, b2, gamma, residual, out_ptr, scratch.data(), a, b, C, parts,
+                                 M * C);
   });
 }
 
