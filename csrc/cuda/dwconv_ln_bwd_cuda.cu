@@ -246,7 +246,9 @@ void launch(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_t
   at::Tensor dz = at::empty({NH * W * C}, f32);
   at::Tensor part_ln = at::empty({blocks_dz, 3, C}, f32);
   auto dz_kernel = dwconv_ln_bwd_dz_kernel<scalar_t, K>;
-  if (smem > 48 * 1024) {
+  // The 48 KiB default covers static + dynamic shared memory: the kernel's static per-pixel
+  // statistics (3 x kTileW floats) count too (C = 1536 is exactly 48 KiB of tile).
+  if (smem + 3 * kTileW * sizeof(float) > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(dz_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
