@@ -459,7 +459,7 @@ at::Tensor mlp_cpu(const at::Tensor& y, const at::Tensor& fc1_weight,
   if (y.numel() == 0) return out;
   const at::ScalarType gemm = mlp_cpu_gemm_dtype(y.scalar_type());
   const at::Tensor yd = y.detach();
-  if (gemm == y.scalar_type() && gemm != at::kFloat && gemm != at::kDouble) {
+  if (gemm == at::kBFloat16 || gemm == at::kHalf) {  // storage-dtype GEMMs (native)
     const MlpParams p =
         compute_params(fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, at::kFloat, gemm);
     AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "mlp_cpu_native", [&] {
