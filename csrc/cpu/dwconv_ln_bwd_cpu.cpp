@@ -226,7 +226,7 @@ void dwconv_ln_bwd_cpu_kernel(const scalar_t* grad_y, const scalar_t* x, const f
         const int64_t kh_hi = std::min<int64_t>(k, H + p - h);
         float* dz_row = dz + nh * W * C;
         // z goes to the dz row first and is overwritten by dz pixel by pixel: no scratch.
-        cpu::conv_row(dz_row, rows, window.row_stride(), w_taps, conv_bias, C, W, k, kh_lo, kh_hi);
+        cpu::conv_row(dz_row, rows, window.layout(), w_taps, conv_bias, C, W, k, kh_lo, kh_hi);
         for (const auto w : c10::irange(W)) {
           float* zp = dz_row + w * C;
           ln_backward_pixel(zp, gy_row.data() + w * C, ln_w, mean[nh * W + w], rstd[nh * W + w], zp,
@@ -252,15 +252,15 @@ void dwconv_ln_bwd_cpu_kernel(const scalar_t* grad_y, const scalar_t* x, const f
 
   // dx: the forward's conv loop over the dz window, taps flipped, no bias.
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    cpu::RowWindow window(k, W, C);
+    cpu::RowWindow window(k, W, C, cpu::conv_blocked(k));
     std::vector<float> acc(W * C);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
       const float* rows = window.rows(static_cast<const float*>(dz), n, h, H);
       const int64_t kh_lo = std::max<int64_t>(0, p - h);
       const int64_t kh_hi = std::min<int64_t>(k, H + p - h);
-      cpu::conv_row(acc.data(), rows, window.row_stride(), w_taps_flipped, nullptr, C, W, k,
-                    kh_lo, kh_hi);
+      cpu::conv_row(acc.data(), rows, window.layout(), w_taps_flipped, nullptr, C, W, k, kh_lo,
+                    kh_hi);
       cpu::narrow(acc.data(), dx + nh * W * C, W * C);
     }
   });
@@ -374,8 +374,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln
     return {dx, dw, db, dlw, dlb};
   }
 
-  // The taps, and the same flipped for dx.
-  const at::Tensor w_taps = cpu::conv_taps(conv_weight), w_flip = cpu::conv_taps(conv_weight, true);
+  // The taps, and the same flipped for dx. The z recompute shares its window with the weight
+  // gradient (channels-last); dx has its own window over dz, blocked.
+  const at::Tensor w_taps = cpu::conv_taps(conv_weight);
+  const at::Tensor w_flip = cpu::conv_taps(conv_weight, true, cpu::conv_blocked(k));
   const at::Tensor b32 =
       conv_bias.has_value() ? conv_bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor lw32 = ln_weight.to(at::kFloat).contiguous();

@@ -3,7 +3,8 @@
 //
 // Work is split over output rows (n, h) with at::parallel_for. The k input rows an output row
 // needs are widened to fp32 in a zero-padded ring of rows (cpu::RowWindow: one new row per output
-// row), so the tap loop has no bounds checks and reads fp32 whatever the input dtype. The conv
+// row; blocked by channel vector for k in {3, 5, 7}), so the tap loop has no bounds checks,
+// streams through memory and reads fp32 whatever the input dtype. The conv
 // (cpu::conv_row, register-blocked along W) writes one output row ([W, C] fp32) to a per-thread
 // scratch buffer, normalised right away: the conv output never touches memory.
 #include <ATen/Parallel.h>
@@ -93,7 +94,8 @@ void dwconv_ln_cpu_kernel(const scalar_t* x, const float* w_taps, const float* c
                           double eps) {
   const int64_t p = k / 2;
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    cpu::RowWindow window(k, W, C);
+    cpu::RowWindow window(k, W, C, cpu::conv_blocked(k));
+    const cpu::ConvLayout layout = window.layout();
     std::vector<float> acc_row(W * C);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
@@ -101,8 +103,7 @@ void dwconv_ln_cpu_kernel(const scalar_t* x, const float* w_taps, const float* c
       // Rows outside the image contribute nothing: restrict kh instead of testing every tap.
       const int64_t kh_lo = std::max<int64_t>(0, p - h);
       const int64_t kh_hi = std::min<int64_t>(k, H + p - h);
-      cpu::conv_row(acc_row.data(), rows, window.row_stride(), w_taps, conv_bias, C, W, k, kh_lo,
-                    kh_hi);
+      cpu::conv_row(acc_row.data(), rows, layout, w_taps, conv_bias, C, W, k, kh_lo, kh_hi);
       for (const auto w : c10::irange(W)) {
         float* acc = acc_row.data() + w * C;
         const float muf = row_sum(acc, C) / C;
@@ -171,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_cpu(
                                mean.data_ptr<float>(), rstd.data_ptr<float>(), N, C, H, W, k, eps);
     return {y, mean, rstd};
   }
-  const at::Tensor w_taps = cpu::conv_taps(conv_weight);
+  const at::Tensor w_taps = cpu::conv_taps(conv_weight, false, cpu::conv_blocked(k));
   const at::Tensor b32 =
       conv_bias.has_value() ? conv_bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor lw32 = ln_weight.to(at::kFloat).contiguous();

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace convnext_fast {
@@ -41,17 +42,36 @@ inline void add_into(float* dst, const float* src, int64_t n) {
   for (; c < n; ++c) dst[c] += src[c];
 }
 
-// A depthwise conv weight [C, 1, k, k] (any float dtype) as taps [k * k, C] fp32: one contiguous
-// row of C weights per tap, what the conv loops read. flip reverses the taps (the kernel rotated
-// by 180 degrees, for the input gradient). A blocked loop over 16 channels: ATen's strided
-// transposing copy took 27 us at C = 768, k = 7, a fifth of the whole op at batch 1.
-inline at::Tensor conv_taps(const at::Tensor& conv_weight, bool flip = false) {
+// A depthwise conv weight [C, 1, k, k] (any float dtype) as fp32 taps, what the conv loops read:
+// [k * k, C] (one contiguous row of C weights per tap) or, blocked, [ceil(C / 8), k * k, 8] (the
+// k * k taps of one channel vector contiguous, lanes past C zero; see RowWindow). flip reverses
+// the taps (the kernel rotated by 180 degrees, for the input gradient). A blocked loop over 16
+// channels: ATen's strided transposing copy took 27 us at C = 768, k = 7, a fifth of the whole op
+// at batch 1.
+inline at::Tensor conv_taps(const at::Tensor& conv_weight, bool flip = false, bool blocked = false) {
   const at::Tensor w = conv_weight.contiguous();
   const int64_t C = w.size(0), kk = w.size(2) * w.size(3);
-  at::Tensor taps = at::empty({kk, C}, w.options().dtype(at::kFloat));
+  constexpr int64_t L = Vec::size();
+  const int64_t Cv = (C + L - 1) / L;
+  at::Tensor taps = blocked ? at::empty({Cv, kk, L}, w.options().dtype(at::kFloat))
+                            : at::empty({kk, C}, w.options().dtype(at::kFloat));
   float* dst = taps.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "conv_taps", [&] {
     const scalar_t* src = w.data_ptr<scalar_t>();
+    if (blocked) {  // one vector's 8 channels x k * k taps at a time: 8 rows in, one block out
+      for (int64_t v = 0; v < Cv; ++v) {
+        float* block = dst + v * kk * L;
+        const int64_t lanes = std::min(L, C - v * L);
+        for (int64_t i = 0; i < lanes; ++i) {
+          const scalar_t* taps_c = src + (v * L + i) * kk;
+          for (int64_t t = 0; t < kk; ++t) block[t * L + i] = static_cast<float>(taps_c[flip ? kk - 1 - t : t]);
+        }
+        for (int64_t i = lanes; i < L; ++i) {
+          for (int64_t t = 0; t < kk; ++t) block[t * L + i] = 0.f;
+        }
+      }
+      return;
+    }
     constexpr int64_t kBlock = 16;
     for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
       const int64_t cn = std::min(kBlock, C - c0);
@@ -175,28 +195,63 @@ inline void conv_pixel_from(float* acc, const float* rows, int64_t row_stride,
   }
 }
 
+// Where the conv loops find the window's and the taps' numbers: kernel row kh, window pixel j and
+// channel vector v of the window at kh * row + j * pixel + v * vec; tap t of vector v at
+// t * tap + v * tap_vec. `padded`: channels are padded with zeros to whole vectors, so a C that is
+// not a multiple of the vector width ends in a partial vector instead of a scalar tail.
+struct ConvLayout {
+  int64_t row, pixel, vec, tap, tap_vec;
+  bool padded;
+};
+
+// Whether the conv of kernel size k runs on the blocked layout (the register-tiled kernels of
+// ConvNeXt's sizes; other odd k keep the channels-last loops).
+inline bool conv_blocked(int64_t k) { return k == 3 || k == 5 || k == 7; }
+
 // The k zero-padded fp32 input rows around an output row (h - p .. h + p of image n, each
 // W + 2p pixels of C channels), kept as a ring so that stepping to the next output row widens
 // one new input row instead of k. Each input row is stored twice, in slots s and s + k, so the k
-// rows of any window are contiguous: rows(...)[kh * row_stride()] is input row h - p + kh.
-// Rows outside the image are never written: the conv loops skip them (kh_lo/kh_hi).
+// rows of any window are contiguous. Rows outside the image are never written: the conv loops
+// skip them (kh_lo/kh_hi).
+//
+// Two layouts. Channels-last ([slot][pixel][C]), what the backward's weight gradient reads. And
+// blocked ([C / 8][slot][pixel][8], with conv_taps(..., blocked)): the window and taps of one
+// channel vector are contiguous (k rows x (W + 2p) x 32 B, k * k x 32 B), so the conv's loop
+// over vectors streams through memory. Channels-last, one vector touches 2k + k^2 lines
+// C * 4 bytes apart, and at ConvNeXt-T's stage 3/4 shapes (C = 384/768) the window and taps
+// (~430 KB at C = 768, W = 7) no longer fit L2: the conv ran at a third of its FMA rate there.
 class RowWindow {
  public:
-  // Only the padding columns are zeroed: a row's interior is always widened before it is read.
-  RowWindow(int64_t k, int64_t W, int64_t C)
-      : k_(k), p_(k / 2), W_(W), C_(C), stride_((W + 2 * (k / 2)) * C),
-        buf_(new float[2 * k * stride_]) {
-    for (int64_t s = 0; s < 2 * k_; ++s) {
-      float* slot = buf_.get() + s * stride_;
-      std::fill(slot, slot + p_ * C_, 0.f);
-      std::fill(slot + (p_ + W_) * C_, slot + stride_, 0.f);
+  // Only the padding is zeroed: a row's interior is always widened before it is read.
+  RowWindow(int64_t k, int64_t W, int64_t C, bool blocked = false)
+      : k_(k), p_(k / 2), W_(W), C_(C), Wp_(W + 2 * (k / 2)), blocked_(blocked),
+        Cv_((C + Vec::size() - 1) / Vec::size()),
+        slot_(blocked ? Wp_ * Vec::size() : Wp_ * C),
+        block_(2 * k * slot_),
+        buf_(new float[blocked ? Cv_ * block_ : 2 * k * slot_]) {
+    const int64_t pad = p_ * (blocked_ ? Vec::size() : C_);
+    for (int64_t b = 0; b < (blocked_ ? Cv_ : 1); ++b) {
+      for (int64_t s = 0; s < 2 * k_; ++s) {
+        float* slot = buf_.get() + b * block_ + s * slot_;
+        std::fill(slot, slot + pad, 0.f);
+        std::fill(slot + slot_ - pad, slot + slot_, 0.f);
+      }
     }
   }
 
-  int64_t row_stride() const { return stride_; }
+  // The strides for conv_row, with taps from conv_taps(..., blocked()) of a k x k kernel.
+  ConvLayout layout() const {
+    constexpr int64_t L = Vec::size();
+    if (blocked_) return {slot_, L, block_, L, k_ * k_ * L, true};
+    return {slot_, C_, L, C_, L, false};
+  }
+  bool blocked() const { return blocked_; }
+  // Channels-last only: the stride between kernel rows.
+  int64_t row_stride() const { return slot_; }
 
-  // Rows of image n around output row h, from src (NHWC, H rows of W * C). Any order of calls
-  // is correct; stepping h up by one within an image widens one row.
+  // Rows of image n around output row h, from src (NHWC, H rows of W * C): the window's first row
+  // (its kernel row 0, vector 0). Any order of calls is correct; stepping h up by one within an
+  // image widens one row.
   template <typename scalar_t>
   const float* rows(const scalar_t* src, int64_t n, int64_t h, int64_t H) {
     const int64_t lo = h - p_, hi = std::min(h + p_ + 1, H);
@@ -207,32 +262,59 @@ class RowWindow {
       loaded_end_ = ih;
     }
     n_ = n;
-    for (; ih < hi; ++ih) {
-      float* slot = buf_.get() + (ih % k_) * stride_ + p_ * C_;
-      widen(src + (n * H + ih) * W_ * C_, slot, W_ * C_);
-      std::copy(slot, slot + W_ * C_, slot + k_ * stride_);
-    }
+    for (; ih < hi; ++ih) load(src + (n * H + ih) * W_ * C_, ih % k_);
     loaded_end_ = std::max(loaded_end_, hi);
-    return buf_.get() + (((lo % k_) + k_) % k_) * stride_;
+    return buf_.get() + (((lo % k_) + k_) % k_) * slot_;
   }
 
  private:
-  int64_t k_, p_, W_, C_, stride_;
+  template <typename scalar_t>
+  void load(const scalar_t* src, int64_t s) {
+    constexpr int64_t L = Vec::size();
+    if (!blocked_) {
+      float* slot = buf_.get() + s * slot_ + p_ * C_;
+      widen(src, slot, W_ * C_);
+      std::copy(slot, slot + W_ * C_, slot + k_ * slot_);
+      return;
+    }
+    const float* row;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      row = src;
+    } else {
+      if (static_cast<int64_t>(wide_.size()) < W_ * C_) wide_.resize(W_ * C_);
+      widen(src, wide_.data(), W_ * C_);
+      row = wide_.data();
+    }
+    for (int64_t b = 0; b < Cv_; ++b) {
+      float* dst = buf_.get() + b * block_ + s * slot_ + p_ * L;
+      const int64_t c = b * L, lanes = std::min(L, C_ - c);
+      for (int64_t w = 0; w < W_; ++w) {
+        const Vec v = lanes == L ? Vec::loadu(row + w * C_ + c) : Vec::loadu(row + w * C_ + c, lanes);
+        v.store(dst + w * L);
+        v.store(dst + k_ * slot_ + w * L);
+      }
+    }
+  }
+
+  int64_t k_, p_, W_, C_, Wp_;
+  bool blocked_;
+  int64_t Cv_, slot_, block_;
   std::unique_ptr<float[]> buf_;
+  std::vector<float> wide_;  // a reduced-precision row widened to fp32 (blocked layout)
   int64_t n_ = -1, loaded_end_ = 0;  // input rows [.., loaded_end_) of image n_ are in the ring
 };
 
-// One kernel row of a tile: a[r] += sum over kw of row[(r + kw) * C] * wt[kw * C], r < R. The K
-// taps stay in registers and every input vector loaded serves up to K outputs: R + K - 1 loads
+// One kernel row of a tile: a[r] += sum over kw of row[(r + kw) * ps] * wt[kw * ts], r < R. The
+// K taps stay in registers and every input vector loaded serves up to K outputs: R + K - 1 loads
 // per R * K FMAs (conv_block loads twice per FMA).
 template <int K, int R>
-inline void conv_tile_row(Vec (&a)[R], const float* row, const float* wt, int64_t C) {
+inline void conv_tile_row(Vec (&a)[R], const float* row, const float* wt, int64_t ps, int64_t ts) {
   Vec wv[K];
 #pragma GCC unroll 16
-  for (int kw = 0; kw < K; ++kw) wv[kw] = Vec::loadu(wt + kw * C);
+  for (int kw = 0; kw < K; ++kw) wv[kw] = Vec::loadu(wt + kw * ts);
 #pragma GCC unroll 32
   for (int j = 0; j < R + K - 1; ++j) {
-    const Vec xv = Vec::loadu(row + j * C);
+    const Vec xv = Vec::loadu(row + j * ps);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const int kw = j - r;
@@ -245,37 +327,39 @@ inline void conv_tile_row(Vec (&a)[R], const float* row, const float* wt, int64_
 // tiles while S * R sums + K taps + 1 input still fit the 16 AVX2 registers.
 constexpr int tile_sets(int R) { return R >= 5 ? 1 : (R >= 3 ? 2 : 4); }
 
-// R consecutive output pixels [w0, w0 + R) x one vector of channels at c, kernel size K. The sums
-// are independent FMA chains, and with FMA latency 4-5 and two FMA pipes ~10 are needed to keep
-// the pipes busy: R = 8 (8 sums + 7 taps + 1 input = the 16 AVX2 registers at K = 7) measured
-// 1.2x faster than R = 4 and 1.7x faster than conv_block at ConvNeXt-T's stage-1 shape
-// (benchmarks/results/cpu2core_ops.txt). Narrow tiles (R < 5) add chains by giving successive
-// kernel rows separate sets of sums (kernel row kh into set (kh - kh_lo) % S), added at the end.
+// R consecutive output pixels x one vector of channels (`lanes` of them valid), kernel size K:
+// out[r * C + i] for r < R, i < lanes, from the window at `row` (this tile's first pixel and
+// vector) and the vector's taps `wt`. The sums are independent FMA chains, and with FMA latency
+// 4-5 and two FMA pipes ~10 are needed to keep the pipes busy: R = 8 (8 sums + 7 taps + 1 input
+// = the 16 AVX2 registers at K = 7) measured 1.2x faster than R = 4 and 1.7x faster than
+// conv_block at ConvNeXt-T's stage-1 shape (benchmarks/results/cpu2core_ops.txt). Narrow tiles
+// (R < 5) add chains by giving successive kernel rows separate sets of sums (kernel row kh into
+// set (kh - kh_lo) % S), added at the end.
 template <int K, int R>
-inline void conv_tile(float* acc, const float* rows, int64_t row_stride, const float* w_taps,
-                      const float* bias, int64_t c, int64_t C, int64_t w0, int64_t kh_lo,
+inline void conv_tile(float* out, const float* row, const float* wt, const float* bias,
+                      int64_t lanes, int64_t C, const ConvLayout& lay, int64_t kh_lo,
                       int64_t kh_hi) {
   constexpr int S = tile_sets(R);
+  constexpr int64_t L = Vec::size();
   Vec a[S][R];
-  const Vec b = bias != nullptr ? Vec::loadu(bias + c) : Vec(0.f);
+  const Vec b = bias == nullptr ? Vec(0.f) : lanes == L ? Vec::loadu(bias) : Vec::loadu(bias, lanes);
 #pragma GCC unroll 8
   for (int s = 0; s < S; ++s) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) a[s][r] = s == 0 ? b : Vec(0.f);
   }
-  const float* row = rows + w0 * C + c;
-  const float* wt = w_taps + c;
+  const int64_t kstep = K * lay.tap;
   int64_t kh = kh_lo;
   for (; kh + S <= kh_hi; kh += S) {
 #pragma GCC unroll 8
     for (int s = 0; s < S; ++s) {
-      conv_tile_row<K, R>(a[s], row + (kh + s) * row_stride, wt + (kh + s) * K * C, C);
+      conv_tile_row<K, R>(a[s], row + (kh + s) * lay.row, wt + (kh + s) * kstep, lay.pixel, lay.tap);
     }
   }
 #pragma GCC unroll 8
   for (int s = 0; s + 1 < S; ++s) {
     if (kh + s < kh_hi) {
-      conv_tile_row<K, R>(a[s], row + (kh + s) * row_stride, wt + (kh + s) * K * C, C);
+      conv_tile_row<K, R>(a[s], row + (kh + s) * lay.row, wt + (kh + s) * kstep, lay.pixel, lay.tap);
     }
   }
 #pragma GCC unroll 8
@@ -283,18 +367,22 @@ inline void conv_tile(float* acc, const float* rows, int64_t row_stride, const f
     Vec sum = a[0][r];
 #pragma GCC unroll 8
     for (int s = 1; s < S; ++s) sum = sum + a[s][r];
-    sum.store(acc + (w0 + r) * C + c);
+    if (lanes == L) {
+      sum.store(out + r * C);
+    } else {
+      sum.store(out + r * C, lanes);
+    }
   }
 }
 
 template <int K>
-inline void conv_tile_any(int64_t R, float* acc, const float* rows, int64_t row_stride,
-                          const float* w_taps, const float* bias, int64_t c, int64_t C, int64_t w0,
+inline void conv_tile_any(int64_t R, float* out, const float* row, const float* wt,
+                          const float* bias, int64_t lanes, int64_t C, const ConvLayout& lay,
                           int64_t kh_lo, int64_t kh_hi) {
   switch (R) {
-#define CONVNEXT_FAST_CONV_TILE(r)                                                           \
-  case r:                                                                                    \
-    return conv_tile<K, r>(acc, rows, row_stride, w_taps, bias, c, C, w0, kh_lo, kh_hi);
+#define CONVNEXT_FAST_CONV_TILE(r) \
+  case r:                          \
+    return conv_tile<K, r>(out, row, wt, bias, lanes, C, lay, kh_lo, kh_hi);
     CONVNEXT_FAST_CONV_TILE(1)
     CONVNEXT_FAST_CONV_TILE(2)
     CONVNEXT_FAST_CONV_TILE(3)
@@ -315,44 +403,51 @@ inline void conv_tile_any(int64_t R, float* acc, const float* rows, int64_t row_
 // and 7.7% of the op per pixel (benchmarks/results/cpu2core_ops.txt). Every tile is at least 4
 // wide once W >= 4.
 template <int K>
-inline void conv_row_k(float* acc, const float* rows, int64_t row_stride, const float* w_taps,
+inline void conv_row_k(float* acc, const float* rows, const ConvLayout& lay, const float* w_taps,
                        const float* bias, int64_t C, int64_t W, int64_t kh_lo, int64_t kh_hi) {
-  constexpr int64_t kMaxR = 8;
+  constexpr int64_t kMaxR = 8, L = Vec::size();
   const int64_t tiles = (W + kMaxR - 1) / kMaxR;
   const int64_t narrow_w = W / tiles, wide = W % tiles;  // `wide` tiles are one pixel wider
-  int64_t c = 0;
-  for (; c + Vec::size() <= C; c += Vec::size()) {
+  const int64_t vectors = lay.padded ? (C + L - 1) / L : C / L;
+  for (int64_t v = 0; v < vectors; ++v) {
+    const int64_t c = v * L, lanes = std::min(L, C - c);
+    const float* row = rows + v * lay.vec;
+    const float* wt = w_taps + v * lay.tap_vec;
+    const float* b = bias != nullptr ? bias + c : nullptr;
     int64_t w = 0;
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t R = narrow_w + (t < wide ? 1 : 0);
-      conv_tile_any<K>(R, acc, rows, row_stride, w_taps, bias, c, C, w, kh_lo, kh_hi);
+      conv_tile_any<K>(R, acc + w * C + c, row + w * lay.pixel, wt, b, lanes, C, lay, kh_lo, kh_hi);
       w += R;
     }
   }
-  if (c < C) {
+  const int64_t c = vectors * L;
+  if (c < C) {  // channels-last: the scalar tail
     for (int64_t w = 0; w < W; ++w) {
-      conv_pixel_from(acc + w * C, rows + w * C, row_stride, w_taps, bias, c, C, K, kh_lo, kh_hi);
+      conv_pixel_from(acc + w * C, rows + w * C, lay.row, w_taps, bias, c, C, K, kh_lo, kh_hi);
     }
   }
 }
 
-// The conv of a whole output row: acc[w * C + c] for w in [0, W), from the zero-padded window
-// (k rows of W + k - 1 pixels; row stride row_stride, pixel stride C). ConvNeXt's kernel sizes
-// take the register-blocked path; channel vectors are the outer loop, so the window and taps of
-// one vector stay in L1 across the row. Other odd k: blocks of 4 vectors per pixel.
-inline void conv_row(float* acc, const float* rows, int64_t row_stride, const float* w_taps,
+// The conv of a whole output row: acc[w * C + c] for w in [0, W), from a RowWindow's rows (its
+// layout `lay`) and taps from conv_taps in the same layout. ConvNeXt's kernel sizes take the
+// register-blocked path; channel vectors are the outer loop, so the window and taps of one vector
+// stay in L1 across the row. Other odd k (channels-last only): blocks of 4 vectors per pixel.
+inline void conv_row(float* acc, const float* rows, const ConvLayout& lay, const float* w_taps,
                      const float* bias, int64_t C, int64_t W, int64_t k, int64_t kh_lo,
                      int64_t kh_hi) {
   switch (k) {
     case 3:
-      return conv_row_k<3>(acc, rows, row_stride, w_taps, bias, C, W, kh_lo, kh_hi);
+      return conv_row_k<3>(acc, rows, lay, w_taps, bias, C, W, kh_lo, kh_hi);
     case 5:
-      return conv_row_k<5>(acc, rows, row_stride, w_taps, bias, C, W, kh_lo, kh_hi);
+      return conv_row_k<5>(acc, rows, lay, w_taps, bias, C, W, kh_lo, kh_hi);
     case 7:
-      return conv_row_k<7>(acc, rows, row_stride, w_taps, bias, C, W, kh_lo, kh_hi);
+      return conv_row_k<7>(acc, rows, lay, w_taps, bias, C, W, kh_lo, kh_hi);
     default:
       break;
   }
+  TORCH_INTERNAL_ASSERT(!lay.padded, "conv_row: the blocked layout needs k in {3, 5, 7}");
+  const int64_t row_stride = lay.row;
   constexpr int64_t kBlock = 4 * Vec::size();
   int64_t c0 = 0;
   for (; c0 + kBlock <= C; c0 += kBlock) {
