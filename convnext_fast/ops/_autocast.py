@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 
 import torch
 
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
+
 # Autocast lowers only these; fp64 runs as it is, like PyTorch's own autocast.
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -35,7 +37,7 @@ def autocast_inputs(device_type: str, *tensors: Optional[torch.Tensor]
     """
     dtype = autocast_dtype(device_type)
     if dtype is None:
-        return tensors, contextlib.nullcontext()
+        return tensors, _NO_CONTEXT
     cast = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _CASTABLE else t
                  for t in tensors)
     return cast, torch.autocast(device_type, enabled=False)
