@@ -64,7 +64,9 @@ inline at::Tensor conv_taps(const at::Tensor& conv_weight, bool flip = false, bo
         const int64_t lanes = std::min(L, C - v * L);
         for (int64_t i = 0; i < lanes; ++i) {
           const scalar_t* taps_c = src + (v * L + i) * kk;
-          for (int64_t t = 0; t < kk; ++t) block[t * L + i] = static_cast<float>(taps_c[flip ? kk - 1 - t : t]);
+          for (int64_t t = 0; t < kk; ++t) {
+            block[t * L + i] = static_cast<float>(taps_c[flip ? kk - 1 - t : t]);
+          }
         }
         for (int64_t i = lanes; i < L; ++i) {
           for (int64_t t = 0; t < kk; ++t) block[t * L + i] = 0.f;
