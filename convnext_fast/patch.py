@@ -17,8 +17,9 @@ NHWC once, at the stem, instead of by every block's op. The stem and downsample 
 bf16/fp16 in fp32 on a CPU without native reduced-precision convs (PyTorch's own is an im2col
 fallback there, 7-8x slower; elsewhere their forward is unchanged). Modules the ops cannot
 compute exactly (dilation, stride, a tanh GELU, dropout, another norm, ...) keep their forward,
-and the report says which and why. Eligibility is decided once, at patch time, from the module's configuration, so the
-patched forward has no branches on it and ``torch.compile`` sees no graph breaks.
+and the report says which and why. Eligibility is decided once, at patch time, from the
+module's configuration, so the patched forward has no branches on it and ``torch.compile`` sees
+no graph breaks.
 """
 from __future__ import annotations
 
