@@ -211,7 +211,7 @@ void dwconv_ln_bwd_cpu_kernel(const scalar_t* grad_y, const scalar_t* x, const f
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t b_begin, int64_t b_end) {
     cpu::RowWindow window(k, W, C);
-    std::vector<float> gy_row(W * C);
+    const cpu::ThreadScratch gy_row(W * C);
     for (int64_t blk = b_begin; blk < b_end; ++blk) {
       float* part_dw = partials.data() + blk * part_size;
       float* part_dcb = part_dw + KK * C;
@@ -253,7 +253,7 @@ void dwconv_ln_bwd_cpu_kernel(const scalar_t* grad_y, const scalar_t* x, const f
   // dx: the forward's conv loop over the dz window, taps flipped, no bias.
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
     cpu::RowWindow window(k, W, C, cpu::conv_blocked(k));
-    std::vector<float> acc(W * C);
+    const cpu::ThreadScratch acc(W * C);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
       const float* rows = window.rows(static_cast<const float*>(dz), n, h, H);

@@ -96,7 +96,7 @@ void dwconv_ln_cpu_kernel(const scalar_t* x, const float* w_taps, const float* c
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     cpu::RowWindow window(k, W, C, cpu::conv_blocked(k));
     const cpu::ConvLayout layout = window.layout();
-    std::vector<float> acc_row(W * C);
+    const cpu::ThreadScratch acc_row(W * C);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
       const float* rows = window.rows(x, n, h, H);

@@ -265,11 +265,12 @@ void mlp_fwd_split_hidden(const at::Tensor& y2d, const scalar_t* y_ptr, const Ml
   const auto opts = y2d.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   constexpr int64_t kAlign = 16;
   const int64_t width = ((D + parts - 1) / parts + kAlign - 1) / kAlign * kAlign;
+  const cpu::ThreadScratch yt_mem(std::is_same_v<scalar_t, acc_t> ? 0 : M * C, sizeof(acc_t));
   at::Tensor yt;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     yt = y2d;
   } else {
-    yt = at::empty({M, C}, opts);
+    yt = yt_mem.tensor({M, C}, opts);
     acc_t* dst = yt.data_ptr<acc_t>();
     at::parallel_for(0, M, 8, [&](int64_t a, int64_t b) {
       convert(y_ptr + a * C, dst + a * C, (b - a) * C);
@@ -278,7 +279,8 @@ void mlp_fwd_split_hidden(const at::Tensor& y2d, const scalar_t* y_ptr, const Ml
   const at::Tensor w1t = p.w1.t(), w2t = p.w2.t();
   const acc_t *b1 = ptr_or_null<acc_t>(p.b1), *b2 = ptr_or_null<acc_t>(p.b2),
               *gamma = ptr_or_null<acc_t>(p.gamma);
-  at::Tensor partial = at::empty({parts, M, C}, opts);
+  const cpu::ThreadScratch partial_mem(parts * M * C, sizeof(acc_t));
+  const at::Tensor partial = partial_mem.tensor({parts, M, C}, opts);
   const at::ThreadLocalState tls;
   at::parallel_for(0, parts, 1, [&](int64_t q_begin, int64_t q_end) {
     const at::ThreadLocalStateGuard tls_guard(tls);
@@ -289,7 +291,8 @@ void mlp_fwd_split_hidden(const at::Tensor& y2d, const scalar_t* y_ptr, const Ml
         o.zero_();
         continue;
       }
-      at::Tensor h = at::empty({M, dn}, opts);
+      const cpu::ThreadScratch h_mem(M * dn, sizeof(acc_t));
+      at::Tensor h = h_mem.tensor({M, dn}, opts);
       at::mm_out(h, yt, w1t.narrow(1, d0, dn));
       bias_gelu_rows(h.data_ptr<acc_t>(), b1 != nullptr ? b1 + d0 : nullptr, 0, M, dn);
       at::mm_out(o, h, w2t.narrow(0, d0, dn));
@@ -321,8 +324,12 @@ void mlp_fwd_kernel(const at::Tensor& y, const MlpParams& p, const scalar_t* res
   const at::ThreadLocalState tls;
   auto run_tiles = [&](int64_t t_begin, int64_t t_end) {
     const at::ThreadLocalStateGuard tls_guard(tls);
-    at::Tensor ybuf = std::is_same_v<scalar_t, acc_t> ? at::Tensor() : at::empty({tl.rows, C}, opts);
-    at::Tensor hbuf = at::empty({tl.rows, D}, opts), obuf = at::empty({tl.rows, C}, opts);
+    const cpu::ThreadScratch ybuf_mem(std::is_same_v<scalar_t, acc_t> ? 0 : tl.rows * C,
+                                      sizeof(acc_t));
+    const cpu::ThreadScratch hbuf_mem(tl.rows * D, sizeof(acc_t)), obuf_mem(tl.rows * C, sizeof(acc_t));
+    at::Tensor ybuf;
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) ybuf = ybuf_mem.tensor({tl.rows, C}, opts);
+    const at::Tensor hbuf = hbuf_mem.tensor({tl.rows, D}, opts), obuf = obuf_mem.tensor({tl.rows, C}, opts);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t r0 = t * tl.rows, rows = std::min(tl.rows, M - r0);
       at::Tensor yt;
@@ -406,8 +413,13 @@ void mlp_fwd_native(const at::Tensor& y, const MlpParams& p, const scalar_t* res
   const at::ThreadLocalState tls;
   auto run_tiles = [&](int64_t t_begin, int64_t t_end) {
     const at::ThreadLocalStateGuard tls_guard(tls);
-    at::Tensor hbuf = at::empty({tl.rows, D}, y.options()), obuf = at::empty({tl.rows, C}, y.options());
-    at::Tensor h32buf = at::empty({tl.rows, D}, f32), o32buf = at::empty({tl.rows, C}, f32);
+    const int64_t es = y.element_size();
+    const cpu::ThreadScratch hbuf_mem(tl.rows * D, es), obuf_mem(tl.rows * C, es);
+    const cpu::ThreadScratch h32buf_mem(tl.rows * D), o32buf_mem(tl.rows * C);
+    const at::Tensor hbuf = hbuf_mem.tensor({tl.rows, D}, y.options());
+    const at::Tensor obuf = obuf_mem.tensor({tl.rows, C}, y.options());
+    const at::Tensor h32buf = h32buf_mem.tensor({tl.rows, D}, f32);
+    const at::Tensor o32buf = o32buf_mem.tensor({tl.rows, C}, f32);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t r0 = t * tl.rows, rows = std::min(tl.rows, M - r0);
       at::Tensor h = hbuf.narrow(0, 0, rows), o = obuf.narrow(0, 0, rows);
