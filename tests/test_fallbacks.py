@@ -166,6 +166,48 @@ def test_kernel_size_the_cuda_kernel_lacks(monkeypatch):
         backends.select("dwconv_ln", x.device, "cuda", args, {})
 
 
+@pytest.mark.parametrize("gpu, optin, largest_c", [
+    ("sm_86", 99 * 1024, 3165), ("sm_80", 163 * 1024, 4096), ("sm_90", 227 * 1024, 4096)])
+def test_channels_beyond_the_gpus_shared_memory_fall_back(monkeypatch, gpu, optin, largest_c):
+    """The CUDA kernels keep 8 pixels x C fp32 (+ 96 bytes in the backward) in shared memory: on a
+    GPU whose per-block limit is below that (sm_86/89: 99 KiB) the CUDA backend says why and
+    automatic selection skips it, instead of failing at launch. A GPU is simulated: fake CUDA
+    tensors and the device queries patched (arch and properties of the named GPU)."""
+    from types import SimpleNamespace
+
+    major, minor = int(gpu[3]), int(gpu[4])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(shared_memory_per_block_optin=optin))
+    monkeypatch.setattr(_ext, "cuda_arch_unsupported", lambda capability: None)
+    impl = backends._REGISTRY["dwconv_ln"]["cuda"]
+
+    def args(C):
+        return (_fake_cuda(1, C, 7, 7).contiguous(memory_format=torch.channels_last),
+                _fake_cuda(C, 1, 7, 7), _fake_cuda(C), _fake_cuda(C), _fake_cuda(C), 1e-6)
+
+    assert impl.supports(*args(largest_c)) is None
+    if largest_c < 4096:
+        reason = impl.supports(*args(largest_c + 1))
+        assert reason == (f"C = {largest_c + 1} needs {32 * (largest_c + 1) + 96} bytes of shared "
+                          f"memory per block, more than this GPU's {optin}"), reason
+        monkeypatch.setitem(backends._REGISTRY["dwconv_ln"], "cuda",
+                            backends.OpImpl(impl.fn, lambda: None, impl.supports))  # "built with CUDA"
+        picked, _ = backends.select("dwconv_ln", torch.device("cuda"), None, args(largest_c + 1), {})
+        assert picked != "cuda" and ("cuda", reason) in backends.last_selections()["dwconv_ln"][1]
+    assert "outside the CUDA kernel's limits" in impl.supports(*args(4097))
+
+
+def test_cuda_kernel_refuses_rows_too_wide_for_its_int32_indexing():
+    impl = backends._REGISTRY["dwconv_ln"]["cuda"]
+    C = 4096
+    x = _fake_cuda(1, C, 1, 2 ** 31 // C + 1).contiguous(memory_format=torch.channels_last)
+    vec = _fake_cuda(C)
+    assert "one image row or plane is too large" in impl.supports(x, _fake_cuda(C, 1, 7, 7), vec, vec,
+                                                                   vec, 1e-6)
+
+
 def test_kernel_size_the_triton_kernels_lack():
     """k = 17 > MAX_K: triton refuses with the reason, automatic runs (correctly) on the CPU."""
     args = inputs("dwconv_ln", N=1, C=8, H=5, W=4, k=17)

@@ -20,6 +20,13 @@ __all__ = ["dwconv_ln"]
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CUDA_MAX_C = 4096  # 8 pixels x C fp32 conv outputs must fit in one block's shared memory
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _cuda_shared_bytes(C: int) -> int:
+    """Shared memory per block of the CUDA kernels at C channels (csrc/include/dwconv_cuda.cuh):
+    a tile of 8 pixels x C fp32, plus the backward's 3 x 8 fp32 per-pixel statistics."""
+    return 8 * C * 4 + 3 * 8 * 4
 _CUDA_KERNEL_SIZES = (3, 5, 7)
 
 
@@ -81,9 +88,19 @@ def _cuda_supports(x, conv_weight, conv_bias, ln_weight, ln_bias, eps) -> Option
         return f"shape {list(x.shape)} is outside the CUDA kernel's limits (C <= {_CUDA_MAX_C}, N, H <= 65535)"
     if conv_weight.shape[-1] not in _CUDA_KERNEL_SIZES:
         return f"the CUDA kernel supports k in {_CUDA_KERNEL_SIZES}, got {conv_weight.shape[-1]}"
+    W = x.shape[3]
+    if W * C > _INT32_MAX or H * W > _INT32_MAX or W > _INT32_MAX - 8:
+        return f"shape {list(x.shape)}: one image row or plane is too large for the CUDA kernel"
     if not torch.cuda.is_available():  # fake/meta CUDA tensors (tracing without a GPU): no device to ask
         return None
-    return _ext.cuda_arch_unsupported(torch.cuda.get_device_capability(x.device))
+    reason = _ext.cuda_arch_unsupported(torch.cuda.get_device_capability(x.device))
+    if reason is None:
+        # sm_86/89 give a block at most 99 KiB (sm_80 163, sm_90 227): C = 4096 needs 128 KiB.
+        limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+        if _cuda_shared_bytes(C) > limit:
+            reason = (f"C = {C} needs {_cuda_shared_bytes(C)} bytes of shared memory per block, "
+                      f"more than this GPU's {limit}")
+    return reason
 
 
 def _ext_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):

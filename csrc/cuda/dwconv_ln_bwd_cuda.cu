@@ -246,12 +246,9 @@ void launch(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_t
   at::Tensor dz = at::empty({NH * W * C}, f32);
   at::Tensor part_ln = at::empty({blocks_dz, 3, C}, f32);
   auto dz_kernel = dwconv_ln_bwd_dz_kernel<scalar_t, K>;
-  // The 48 KiB default covers static + dynamic shared memory: the kernel's static per-pixel
-  // statistics (3 x kTileW floats) count too (C = 1536 is exactly 48 KiB of tile).
-  if (smem + 3 * kTileW * sizeof(float) > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(dz_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
+  // The kernel's static per-pixel statistics (3 x kTileW floats) count against the limits too
+  // (C = 1536 is exactly 48 KiB of tile).
+  request_shared_memory(dz_kernel, smem, 3 * kTileW * sizeof(float), "dwconv_ln_bwd", C);
   dz_kernel<<<blocks_dz, threads, smem, stream>>>(
       x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(), w_taps.data_ptr<float>(),
       b.defined() ? b.data_ptr<scalar_t>() : nullptr, lw.data_ptr<scalar_t>(),
@@ -313,7 +310,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln
   TORCH_CHECK(x.is_cuda(), op, ": the CUDA kernel needs CUDA tensors, x is on ", x.device());
   TORCH_CHECK(k == 3 || k == 5 || k == 7, op, ": the CUDA kernel supports k in {3, 5, 7}, got ", k);
   TORCH_CHECK(C <= kMaxC, op, ": C = ", C, " exceeds the CUDA kernel's limit of ", kMaxC);
-  TORCH_CHECK(H <= INT32_MAX && W <= INT32_MAX && N * H * ((W + kTileW - 1) / kTileW) <= INT32_MAX,
+  TORCH_CHECK(H <= INT32_MAX && W <= INT32_MAX - kTileW &&
+                  N * H * ((W + kTileW - 1) / kTileW) <= INT32_MAX,
               op, ": x of shape ", x.sizes(), " has too many pixels for the CUDA kernel's grid");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16,

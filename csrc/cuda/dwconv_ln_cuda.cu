@@ -89,10 +89,7 @@ void launch(const at::Tensor& x, const at::Tensor& w_taps, const at::Tensor& b,
   const int threads = std::min(kMaxThreads, std::max(64, (C + 31) / 32 * 32));
   const size_t smem = size_t(kTileW) * C * sizeof(float);
   auto kernel = dwconv_ln_fwd_kernel<scalar_t, K>;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
+  request_shared_memory(kernel, smem, 0, "dwconv_ln", C);
   const dim3 grid((W + kTileW - 1) / kTileW, H, N);
   kernel<<<grid, threads, smem, at::cuda::getCurrentCUDAStream()>>>(
       x.data_ptr<scalar_t>(), w_taps.data_ptr<float>(),
@@ -128,7 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_cuda(
   TORCH_CHECK(C <= kMaxC, op, ": C = ", C, " exceeds the CUDA kernel's limit of ", kMaxC);
   TORCH_CHECK(N <= 65535 && H <= 65535, op, ": N = ", N, " and H = ", H,
               " must be <= 65535 (CUDA grid limits)");
-  TORCH_CHECK(W * C <= INT32_MAX && H * W <= INT32_MAX, op, ": one image row or plane is too large");
+  TORCH_CHECK(W * C <= INT32_MAX && H * W <= INT32_MAX && W <= INT32_MAX - kTileW, op,
+              ": one image row or plane is too large");
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y, mean, rstd;

@@ -2,6 +2,10 @@
 // a warp reduction and the depthwise conv of one row tile. Included by csrc/cuda/*.cu only.
 #pragma once
 
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 
 namespace convnext_fast {
@@ -10,8 +14,25 @@ namespace convnext_fast {
 constexpr int kTileW = 8;
 constexpr int kMaxThreads = 512;
 // kTileW fp32 rows of C channels in shared memory: 128 KiB at C = 4096 (opted in above the default
-// 48 KiB; sm_80 allows 163 KiB per block, sm_90 227 KiB).
+// 48 KiB; see request_shared_memory for the per-GPU limits).
 constexpr int64_t kMaxC = 4096;
+
+// Lets `kernel` take `dynamic_bytes` of dynamic shared memory next to its `static_bytes`: above
+// the 48 KiB default a kernel must opt in, and the opt-in limit is per GPU (sm_80 163 KiB, sm_86/89
+// 99 KiB, sm_90 227 KiB), so a C that does not fit fails here with the numbers, not as "invalid
+// argument" from the runtime. ops/dwconv_ln.py checks the same limit and falls back.
+template <typename Kernel>
+inline void request_shared_memory(Kernel kernel, size_t dynamic_bytes, size_t static_bytes,
+                                  const char* op, int64_t C) {
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(dynamic_bytes + static_bytes <= limit, op, ": C = ", C, " needs ",
+              dynamic_bytes + static_bytes, " bytes of shared memory per block, this GPU allows ",
+              limit);
+  if (dynamic_bytes + static_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(dynamic_bytes)));
+  }
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
