@@ -20,6 +20,7 @@ __all__ = ["dwconv_ln"]
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CUDA_MAX_C = 4096  # 8 pixels x C fp32 conv outputs must fit in one block's shared memory
+_CUDA_KERNEL_SIZES = (3, 5, 7)
 _INT32_MAX = 2 ** 31 - 1
 
 
@@ -27,7 +28,6 @@ def _cuda_shared_bytes(C: int) -> int:
     """Shared memory per block of the CUDA kernels at C channels (csrc/include/dwconv_cuda.cuh):
     a tile of 8 pixels x C fp32, plus the backward's 3 x 8 fp32 per-pixel statistics."""
     return 8 * C * 4 + 3 * 8 * 4
-_CUDA_KERNEL_SIZES = (3, 5, 7)
 
 
 def dwconv_ln(

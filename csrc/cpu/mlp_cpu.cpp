@@ -326,10 +326,12 @@ void mlp_fwd_kernel(const at::Tensor& y, const MlpParams& p, const scalar_t* res
     const at::ThreadLocalStateGuard tls_guard(tls);
     const cpu::ThreadScratch ybuf_mem(std::is_same_v<scalar_t, acc_t> ? 0 : tl.rows * C,
                                       sizeof(acc_t));
-    const cpu::ThreadScratch hbuf_mem(tl.rows * D, sizeof(acc_t)), obuf_mem(tl.rows * C, sizeof(acc_t));
+    const cpu::ThreadScratch hbuf_mem(tl.rows * D, sizeof(acc_t));
+    const cpu::ThreadScratch obuf_mem(tl.rows * C, sizeof(acc_t));
     at::Tensor ybuf;
     if constexpr (!std::is_same_v<scalar_t, acc_t>) ybuf = ybuf_mem.tensor({tl.rows, C}, opts);
-    const at::Tensor hbuf = hbuf_mem.tensor({tl.rows, D}, opts), obuf = obuf_mem.tensor({tl.rows, C}, opts);
+    const at::Tensor hbuf = hbuf_mem.tensor({tl.rows, D}, opts);
+    const at::Tensor obuf = obuf_mem.tensor({tl.rows, C}, opts);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t r0 = t * tl.rows, rows = std::min(tl.rows, M - r0);
       at::Tensor yt;
