@@ -7,19 +7,22 @@
     convnext_fast.patch_timm()                     # every timm ConvNeXt created from now on
     convnext_fast.unpatch_timm()
 
-Only ``forward`` is swapped, per module instance: parameters, buffers, hooks and the module tree
-stay the same objects, so optimizers, EMA copies, DDP/FSDP wrappers and state_dicts are untouched.
+Only ``forward`` is swapped, per module instance, to the library's own forward of the same module
+bound with ``types.MethodType``: parameters, buffers, hooks and the module tree stay the same
+objects, so optimizers, EMA copies, DDP/FSDP wrappers and state_dicts are untouched.
 Each ``ConvNeXtBlock`` whose configuration the fused ops compute exactly runs
-:func:`convnext_fast.ops.dwconv_ln` then :func:`~convnext_fast.ops.mlp` (V1) or
-:func:`~convnext_fast.ops.mlp_grn` (V2). Each ``LayerNorm2d`` outside the blocks (stem,
-downsamples, head) gets a forward that returns channels-last memory, so the trunk is converted to
-NHWC once, at the stem, instead of by every block's op. The stem and downsample convs compute
-bf16/fp16 in fp32 on a CPU without native reduced-precision convs (PyTorch's own is an im2col
-fallback there, 7-8x slower; elsewhere their forward is unchanged). Modules the ops cannot
-compute exactly (dilation, stride, a tanh GELU, dropout, another norm, ...) keep their forward,
-and the report says which and why. Eligibility is decided once, at patch time, from the
-module's configuration, so the patched forward has no branches on it and ``torch.compile`` sees
-no graph breaks.
+:meth:`convnext_fast.models.convnext.ConvNeXtBlock.forward` (:func:`~convnext_fast.ops.dwconv_ln`
+then :func:`~convnext_fast.ops.mlp` (V1) or :func:`~convnext_fast.ops.mlp_grn` (V2)) on the
+backend marked on the instance. Each ``LayerNorm2d`` outside the blocks (stem, downsamples, head)
+runs :meth:`~convnext_fast.models.convnext.LayerNorm2d.forward`, which returns channels-last
+memory, so the trunk is converted to NHWC once, at the stem, instead of by every block's op. The
+stem and downsample convs run :func:`~convnext_fast.models.cpu_conv.fp32_compute_conv_forward`
+(bf16/fp16 computed in fp32 on a CPU without native reduced-precision convs; elsewhere their
+forward is unchanged). Modules the ops cannot compute exactly (dilation, stride, a tanh GELU,
+dropout, another norm, ...) keep their forward, and the report says which and why
+(:mod:`convnext_fast.models.support` judges). Eligibility is decided once, at patch time, from
+the module's configuration, so the patched forward has no branches on it and ``torch.compile``
+sees no graph breaks.
 """
 from __future__ import annotations
 
@@ -29,16 +32,16 @@ import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import backends, ops
-from .models.convnext import patch_conv_forward
+from . import backends
+from .models import support
+from .models.convnext import ConvNeXtBlock, LayerNorm2d
+from .models.cpu_conv import fp32_compute_conv_forward
 
 __all__ = ["patch_timm", "unpatch_timm", "PatchReport"]
 
-_MARK = "_convnext_fast_patch"  # instance attribute: the backend a patched module runs on
+_MARK = "_convnext_fast_patch"  # instance attribute; ConvNeXtBlock.forward reads its backend
 
 
 @dataclass
@@ -67,134 +70,8 @@ class PatchReport:
 
 
 # --------------------------------------------------------------------------------------------
-# Eligibility: None when the fused ops compute exactly what the module computes, else why not
+# Installing the library's forwards (bound to the instance; the backend is read from its mark)
 # --------------------------------------------------------------------------------------------
-
-def _is_timm(module: nn.Module, name: str) -> bool:
-    """Class ``name`` from timm (matched by name and module, so timm is never imported here)."""
-    cls = type(module)
-    return cls.__name__ == name and cls.__module__.startswith("timm.")
-
-
-def _pair(v) -> Tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-def _norm_reason(norm: nn.Module, channels: int, want: str) -> Optional[str]:
-    if not _is_timm(norm, want):
-        return f"norm is {type(norm).__name__}, not timm's {want}"
-    if tuple(norm.normalized_shape) != (channels,):
-        return f"norm normalizes over {tuple(norm.normalized_shape)}, not ({channels},)"
-    if norm.weight is None or norm.bias is None:
-        return "norm has no affine weight/bias"
-    return None
-
-
-def _linear_reason(layer: nn.Module, name: str, conv: bool, in_f: int, out_f: int) -> Optional[str]:
-    if conv:
-        if type(layer) is not nn.Conv2d or _pair(layer.kernel_size) != (1, 1) or _pair(layer.stride) != (1, 1) \
-                or layer.groups != 1:
-            return f"mlp.{name} is not a plain 1x1 Conv2d"
-    elif type(layer) is not nn.Linear:
-        return f"mlp.{name} is {type(layer).__name__}, not nn.Linear"
-    if layer.weight.shape[:2] != (out_f, in_f):
-        return f"mlp.{name} maps {tuple(layer.weight.shape[:2][::-1])}, expected ({in_f}, {out_f})"
-    return None
-
-
-def _dropout_reason(m: nn.Module, name: str) -> Optional[str]:
-    if isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0.0):
-        return None
-    return f"mlp.{name} is {m!r} (the fused ops have no dropout)"
-
-
-def _block_reason(block: nn.Module) -> Optional[str]:
-    conv = block.conv_dw
-    if type(conv) is not nn.Conv2d:
-        return f"conv_dw is {type(conv).__name__}, not nn.Conv2d"
-    C = conv.in_channels
-    k = _pair(conv.kernel_size)
-    if conv.out_channels != C or conv.groups != C:
-        return f"conv_dw is not depthwise (in {C}, out {conv.out_channels}, groups {conv.groups})"
-    if k[0] != k[1] or k[0] % 2 == 0:
-        return f"conv_dw kernel {k} is not square and odd"
-    if _pair(conv.stride) != (1, 1):
-        return f"conv_dw stride {_pair(conv.stride)} (the fused op is stride 1)"
-    if _pair(conv.dilation) != (1, 1):
-        return f"conv_dw dilation {_pair(conv.dilation)} (the fused op has no dilation)"
-    if conv.padding_mode != "zeros" or conv.padding not in ((k[0] // 2,) * 2, "same"):
-        return f"conv_dw padding {conv.padding!r} ({conv.padding_mode}) is not 'same' zero padding"
-    if not isinstance(block.shortcut, nn.Identity):
-        return f"shortcut is {type(block.shortcut).__name__}, not the identity"
-    conv_mlp = bool(block.use_conv_mlp)
-    reason = _norm_reason(block.norm, C, "LayerNorm2d" if conv_mlp else "LayerNorm")
-    if reason:
-        return reason
-    mlp = block.mlp
-    grn = _is_timm(mlp, "GlobalResponseNormMlp")
-    if not grn and not _is_timm(mlp, "Mlp"):
-        return f"mlp is {type(mlp).__name__}, not timm's Mlp or GlobalResponseNormMlp"
-    D = mlp.fc1.weight.shape[0]
-    for reason in (_linear_reason(mlp.fc1, "fc1", conv_mlp, C, D), _linear_reason(mlp.fc2, "fc2", conv_mlp, D, C),
-                   _dropout_reason(mlp.drop1, "drop1"), _dropout_reason(mlp.drop2, "drop2")):
-        if reason:
-            return reason
-    act = mlp.act
-    exact_gelu = _is_timm(act, "GELU") or (type(act) is nn.GELU and act.approximate == "none")
-    if not exact_gelu:
-        return f"mlp.act is {act!r}, not the exact (erf) GELU"
-    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
-        return f"mlp.norm is {type(mlp.norm).__name__}, not the identity"
-    if grn:
-        g = mlp.grn
-        if not _is_timm(g, "GlobalResponseNorm"):
-            return f"mlp.grn is {type(g).__name__}, not timm's GlobalResponseNorm"
-        if tuple(g.spatial_dim) != ((2, 3) if conv_mlp else (1, 2)):
-            return f"mlp.grn reduces over dims {g.spatial_dim}, not this block's spatial dims"
-        if block.gamma is not None:
-            return "a GRN block with layer scale (gamma) is not a ConvNeXt V2 block"
-    params = [p for p in block.parameters()]
-    dtypes = {p.dtype for p in params}
-    devices = {p.device for p in params}
-    if len(dtypes) != 1 or len(devices) != 1:
-        return f"parameters mix dtypes {sorted(map(str, dtypes))} or devices {sorted(map(str, devices))}"
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# The patched forwards (bound to the instance; the backend is read from the instance mark)
-# --------------------------------------------------------------------------------------------
-
-def _as_2d(w: torch.Tensor) -> torch.Tensor:
-    return w if w.dim() == 2 else w.reshape(w.shape[0], w.shape[1])
-
-
-def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """timm ``ConvNeXtBlock.forward`` on the fused ops: x [N, C, H, W] -> [N, C, H, W] channels-last."""
-    backend = getattr(self, _MARK).backend
-    y = ops.dwconv_ln(x, self.conv_dw.weight, self.conv_dw.bias, self.norm.weight, self.norm.bias,
-                      self.norm.eps, backend=backend)
-    # Stochastic depth scales the branch alone, so the residual add happens outside the op then.
-    dropping = self.training and getattr(self.drop_path, "drop_prob", 0.0) > 0.0
-    residual = None if dropping else x
-    mlp = self.mlp
-    if self.gamma is None and hasattr(mlp, "grn"):
-        out = ops.mlp_grn(y, _as_2d(mlp.fc1.weight), mlp.fc1.bias, mlp.grn.weight, mlp.grn.bias,
-                          _as_2d(mlp.fc2.weight), mlp.fc2.bias, residual, eps=mlp.grn.eps, backend=backend)
-    else:
-        out = ops.mlp(y, _as_2d(mlp.fc1.weight), mlp.fc1.bias, _as_2d(mlp.fc2.weight), mlp.fc2.bias,
-                      self.gamma, residual, backend=backend)
-    if dropping:
-        out = x + self.drop_path(out)
-    return out
-
-
-def _norm2d_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """timm ``LayerNorm2d.forward`` returning channels-last memory: [N, C, H, W] -> [N, C, H, W]."""
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-    return y.permute(0, 3, 1, 2)
-
 
 @dataclass(frozen=True)
 class _Mark:
@@ -228,11 +105,11 @@ def _stem_and_downsample_convs(model: nn.Module) -> set:
     ``features_only``, whose FeatureListNet flattens the stem into ``stem_0``, ``stem_1``)."""
     found = []
     for module in model.modules():
-        if _is_timm(module, "ConvNeXt"):
+        if support.is_timm(module, "ConvNeXt"):
             found += list(module.stem.children())
-        elif _is_timm(module, "ConvNeXtStage") and isinstance(module.downsample, nn.Sequential):
+        elif support.is_timm(module, "ConvNeXtStage") and isinstance(module.downsample, nn.Sequential):
             found += list(module.downsample.children())
-        elif _is_timm(module, "FeatureListNet"):
+        elif support.is_timm(module, "FeatureListNet"):
             found += [child for name, child in module.named_children() if name.startswith("stem_")]
     return {id(m) for m in found if type(m) is nn.Conv2d}
 
@@ -248,28 +125,28 @@ def _check_backend(name: Optional[str], op: str) -> None:
 def _patch_model(model: nn.Module, backend: Optional[str]) -> PatchReport:
     report = PatchReport(backend=backend or "auto")
     in_block = {f"{name}.{sub}" if sub else name
-                for name, block in model.named_modules() if _is_timm(block, "ConvNeXtBlock")
+                for name, block in model.named_modules() if support.is_timm(block, "ConvNeXtBlock")
                 for sub, _ in block.named_modules()}
     stem_convs = _stem_and_downsample_convs(model)
     plan = []  # (name, module, forward, what): decided in full before anything is installed
     for name, module in model.named_modules():
         if _MARK in module.__dict__:
             report.already.append(name)
-        elif _is_timm(module, "ConvNeXtBlock"):
-            reason = _block_reason(module)
+        elif support.is_timm(module, "ConvNeXtBlock"):
+            reason = support.block_reason(module) or support.tensors_reason(module)
             if reason:
                 report.skipped.append((name, reason))
                 continue
-            fused = "mlp_grn" if module.gamma is None and hasattr(module.mlp, "grn") else "mlp"
-            plan.append((name, module, _block_forward, f"dwconv_ln + {fused}"))
-        elif _is_timm(module, "LayerNorm2d") and name not in in_block:
-            reason = _norm_reason(module, module.normalized_shape[0], "LayerNorm2d")
+            fused = "mlp_grn" if hasattr(module.mlp, "grn") else "mlp"
+            plan.append((name, module, ConvNeXtBlock.forward, f"dwconv_ln + {fused}"))
+        elif support.is_timm(module, "LayerNorm2d") and name not in in_block:
+            reason = support.norm_reason(module, module.normalized_shape[0], "LayerNorm2d")
             if reason:
                 report.skipped.append((name, reason))
                 continue
-            plan.append((name, module, _norm2d_forward, "channels-last LayerNorm2d"))
+            plan.append((name, module, LayerNorm2d.forward, "channels-last LayerNorm2d"))
         elif id(module) in stem_convs:
-            plan.append((name, module, patch_conv_forward, "conv, fp32 compute for bf16/fp16 on CPU"))
+            plan.append((name, module, fp32_compute_conv_forward, "conv, fp32 compute for bf16/fp16 on CPU"))
         elif type(module).__name__ in ("ConvNeXtBlock", "LayerNorm2d") and not type(module).__module__.startswith("timm."):
             report.skipped.append((name, f"{type(module).__module__}.{type(module).__name__} is not timm's"))
     # An explicit backend that lacks an op the plan needs raises before any module is touched.
@@ -277,8 +154,8 @@ def _patch_model(model: nn.Module, backend: Optional[str]) -> PatchReport:
         _check_backend(backend, op)
     for name, module, forward, what in plan:
         _install(module, forward, backend, what)
-        report.patched.append((name, f"block: {what}" if forward is _block_forward else
-                               "LayerNorm2d, channels-last out" if forward is _norm2d_forward else what))
+        report.patched.append((name, f"block: {what}" if forward is ConvNeXtBlock.forward else
+                               "LayerNorm2d, channels-last out" if forward is LayerNorm2d.forward else what))
     return report
 
 

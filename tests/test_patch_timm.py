@@ -183,7 +183,7 @@ def test_class_level_patch_applies_to_new_models_and_undoes():
 def test_stem_and_downsample_convs_compute_reduced_precision_in_fp32(case):
     """The stem and the three downsample convs are patched (and only those convs); on a CPU
     without native bf16 convs their bf16 output is the fp32 conv rounded once."""
-    from convnext_fast.models.convnext import _CPU_NATIVE_CONV
+    from convnext_fast.models.cpu_conv import cpu_has_native_conv
 
     model = _create(case).to(torch.bfloat16)
     report = convnext_fast.patch_timm(model)
@@ -197,6 +197,6 @@ def test_stem_and_downsample_convs_compute_reduced_precision_in_fp32(case):
         got = stem(x)
         fp32 = torch.nn.functional.conv2d(x.float(), stem.weight.float(), stem.bias.float(), stride=4)
         native = torch.nn.functional.conv2d(x, stem.weight, stem.bias, stride=4)
-    assert torch.equal(got, native if _CPU_NATIVE_CONV[torch.bfloat16] else fp32.bfloat16())
+    assert torch.equal(got, native if cpu_has_native_conv(torch.bfloat16) else fp32.bfloat16())
     convnext_fast.unpatch_timm(model)
     assert not any("forward" in m.__dict__ for _, m in convs)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .. import ops
+from . import support
+from .cpu_conv import Fp32ComputeConv2d
 
 __all__ = [
     "ConvNeXt", "ConvNeXtFeatures", "ConvNeXtBlock", "ConvNeXtStage", "LayerNorm", "LayerNorm2d",
@@ -34,7 +36,6 @@ __all__ = [
 ]
 
 _CL = torch.channels_last
-_SUPPORTED_POOLS = ("", "avg", "max", "avgmax")
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,15 +56,18 @@ class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an ``[N, C, H, W]`` tensor (timm's ``LayerNorm2d``).
 
     On a channels-last tensor the permute is a free view of contiguous NHWC memory, and the result
-    is channels-last again: no copies.
+    is channels-last again: no copies. :func:`convnext_fast.patch_timm` binds this forward to
+    timm's LayerNorm2d outside the blocks, so a patched timm trunk is converted to NHWC once.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, **kwargs):
         super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        """x [N, C, H, W] -> [N, C, H, W] in channels-last memory."""
+        x = x.contiguous(memory_format=_CL)  # a no-op in our trunk; converts timm's NCHW stem output
+        y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
 
 
 class GlobalResponseNorm(nn.Module):
@@ -74,54 +78,17 @@ class GlobalResponseNorm(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.eps = eps
         self.channels_last = channels_last
+        self.spatial_dim = (1, 2) if channels_last else (2, 3)  # timm's name; judged by support
         self.weight = nn.Parameter(torch.zeros(dim, **dd))
         self.bias = nn.Parameter(torch.zeros(dim, **dd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Standalone GRN (not used by the blocks, which call the fused op)."""
-        dims, cdim, shape = ((1, 2), -1, (1, 1, 1, -1)) if self.channels_last else ((2, 3), 1, (1, -1, 1, 1))
-        gx = x.norm(p=2, dim=dims, keepdim=True)
+        """Standalone GRN (not used by the blocks, which call the fused op): x [N, H, W, D]
+        (channels_last) or [N, D, H, W] -> the same shape."""
+        cdim, shape = (-1, (1, 1, 1, -1)) if self.channels_last else (1, (1, -1, 1, 1))
+        gx = x.norm(p=2, dim=self.spatial_dim, keepdim=True)
         nx = gx / (gx.mean(dim=cdim, keepdim=True) + self.eps)
         return x + torch.addcmul(self.bias.view(shape), self.weight.view(shape), x * nx)
-
-
-def _onednn_has(query: str) -> bool:
-    try:
-        return bool(getattr(torch.ops.mkldnn, query)())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return False
-
-
-# Whether oneDNN has native bf16 / fp16 convolutions on this CPU (AVX512-BF16, AMX, AVX512-FP16).
-_CPU_NATIVE_CONV = {
-    torch.bfloat16: _onednn_has("_is_mkldnn_bf16_supported"),
-    torch.float16: _onednn_has("_is_mkldnn_fp16_supported"),
-}
-
-
-def patch_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``nn.Conv2d.forward`` that, on a CPU without native reduced-precision convolutions,
-    computes bf16/fp16 (stored, or under CPU autocast) in fp32 and rounds to that dtype.
-
-    PyTorch's own bf16 conv there is the im2col fallback (``aten::_slow_conv2d_forward``), 7-8x
-    slower than oneDNN's fp32 conv on the 2-core dev CPU (ConvNeXt-T's stem and downsample convs:
-    22 vs 6 ms at batch 1, 176 vs 21 ms at batch 8), and the fp32 result is the more accurate one.
-    Used by :class:`PatchConv2d` and by :func:`convnext_fast.patch_timm` for timm's convs.
-    """
-    if x.device.type == "cpu":
-        low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if low in _CPU_NATIVE_CONV and not _CPU_NATIVE_CONV[low]:
-            bias = None if self.bias is None else self.bias.float()
-            with torch.autocast("cpu", enabled=False):
-                return self._conv_forward(x.float(), self.weight.float(), bias).to(low)
-    return self._conv_forward(x, self.weight, self.bias)
-
-
-class PatchConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and names) for the stem and downsample convs; its forward
-    is :func:`patch_conv_forward` (fp32 compute for bf16/fp16 on CPUs without native ones)."""
-
-    forward = patch_conv_forward
 
 
 class GELU(nn.Module):
@@ -147,24 +114,20 @@ class Mlp(nn.Module):
         self.fc1 = _linear_layer(use_conv, in_features, hidden_features, bias, dd)
         self.act = GELU()
         self.drop1 = nn.Dropout(0.0)
-        self.norm = nn.Identity()
+        # Registered between drop1 and fc2, where timm has it: the state_dict order is timm's.
+        self._add_middle(hidden_features, use_conv, dd)
         self.fc2 = _linear_layer(use_conv, hidden_features, in_features, bias, dd)
         self.drop2 = nn.Dropout(0.0)
 
+    def _add_middle(self, hidden_features: int, use_conv: bool, dd) -> None:
+        self.norm = nn.Identity()
 
-class GlobalResponseNormMlp(nn.Module):
+
+class GlobalResponseNormMlp(Mlp):
     """timm's ``GlobalResponseNormMlp`` layout: ``fc1``, ``act``, ``drop1``, ``grn``, ``fc2``, ``drop2``."""
 
-    def __init__(self, in_features: int, hidden_features: int, bias: bool = True, use_conv: bool = False,
-                 device=None, dtype=None):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.fc1 = _linear_layer(use_conv, in_features, hidden_features, bias, dd)
-        self.act = GELU()
-        self.drop1 = nn.Dropout(0.0)
+    def _add_middle(self, hidden_features: int, use_conv: bool, dd) -> None:
         self.grn = GlobalResponseNorm(hidden_features, channels_last=not use_conv, **dd)
-        self.fc2 = _linear_layer(use_conv, hidden_features, in_features, bias, dd)
-        self.drop2 = nn.Dropout(0.0)
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False,
@@ -209,8 +172,13 @@ class ConvNeXtBlock(nn.Module):
 
     ``x + gamma * fc2(gelu(fc1(LN(dwconv(x)))))`` (V1) or ``x + fc2(GRN(gelu(fc1(LN(dwconv(x))))))``
     (V2). Only stride 1, no dilation and ``in_chs == out_chs`` (what ConvNeXt at output stride 32
-    uses), so ``shortcut`` is always the identity.
+    uses), so ``shortcut`` is always the identity; :func:`convnext_fast.models.support.block_reason`
+    holds every block, ours or timm's, to these rules.
     """
+
+    # patch_timm binds this class's forward to timm's blocks and marks each instance with the
+    # backend it was asked for; our own blocks select the backend per call.
+    _convnext_fast_patch = None
 
     def __init__(
             self,
@@ -230,13 +198,15 @@ class ConvNeXtBlock(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         out_chs = out_chs or in_chs
-        if out_chs != in_chs:
-            raise NotImplementedError("ConvNeXtBlock: in_chs != out_chs is not supported")
-        if kernel_size % 2 == 0:
-            raise ValueError(f"ConvNeXtBlock: kernel_size must be odd ('same' padding), got {kernel_size}")
+        reason = support.config_reason(use_grn=use_grn, ls_init_value=ls_init_value, in_chs=in_chs,
+                                       out_chs=out_chs)
+        if reason:
+            raise NotImplementedError(f"ConvNeXtBlock: {reason}")
+        error = support.config_error(kernel_sizes=kernel_size)
+        if error:
+            raise ValueError(f"ConvNeXtBlock: {error}")
         eps = 1e-6 if norm_eps is None else norm_eps
         self.use_conv_mlp = conv_mlp
-        self.use_grn = use_grn
         self.conv_dw = nn.Conv2d(in_chs, out_chs, kernel_size, stride=1, padding=kernel_size // 2,
                                  groups=in_chs, bias=conv_bias, **dd)
         self.norm = (LayerNorm2d if conv_mlp else LayerNorm)(out_chs, eps=eps, **dd)
@@ -248,17 +218,26 @@ class ConvNeXtBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] -> [N, C, H, W] channels-last.
+
+        Also timm's ``ConvNeXtBlock.forward`` once :func:`convnext_fast.patch_timm` binds it to a
+        timm block, so it reads only what both classes have (no ``use_grn``: GRN is the V2 MLP's
+        ``grn``) and only static attributes, for a fullgraph ``torch.compile``.
+        """
+        mark = self._convnext_fast_patch
+        backend = None if mark is None else mark.backend
         y = ops.dwconv_ln(x, self.conv_dw.weight, self.conv_dw.bias, self.norm.weight, self.norm.bias,
-                          self.norm.eps)
-        dropping = self.training and isinstance(self.drop_path, DropPath) and self.drop_path.drop_prob > 0
+                          self.norm.eps, backend=backend)
+        # Stochastic depth scales the branch alone, so the residual add happens outside the op then.
+        dropping = self.training and getattr(self.drop_path, "drop_prob", 0.0) > 0.0
         residual = None if dropping else x
         mlp = self.mlp
-        if self.use_grn:
+        if hasattr(mlp, "grn"):
             out = ops.mlp_grn(y, _as_2d(mlp.fc1.weight), mlp.fc1.bias, mlp.grn.weight, mlp.grn.bias,
-                              _as_2d(mlp.fc2.weight), mlp.fc2.bias, residual, eps=mlp.grn.eps)
+                              _as_2d(mlp.fc2.weight), mlp.fc2.bias, residual, mlp.grn.eps, backend=backend)
         else:
             out = ops.mlp(y, _as_2d(mlp.fc1.weight), mlp.fc1.bias, _as_2d(mlp.fc2.weight), mlp.fc2.bias,
-                          self.gamma, residual)
+                          self.gamma, residual, backend=backend)
         if dropping:
             out = x + self.drop_path(out)
         return out
@@ -290,7 +269,7 @@ class ConvNeXtStage(nn.Module):
             eps = 1e-6 if norm_eps is None else norm_eps
             self.downsample = nn.Sequential(
                 LayerNorm2d(in_chs, eps=eps, **dd),
-                PatchConv2d(in_chs, out_chs, kernel_size=stride, stride=stride, bias=conv_bias, **dd),
+                Fp32ComputeConv2d(in_chs, out_chs, kernel_size=stride, stride=stride, bias=conv_bias, **dd),
             )
         else:
             self.downsample = nn.Identity()
@@ -317,10 +296,10 @@ class GlobalPool2d(nn.Module):
 
     def __init__(self, pool_type: str = "avg"):
         super().__init__()
+        reason = support.config_reason(global_pool=pool_type)
+        if reason:
+            raise NotImplementedError(reason)
         pool_type = (pool_type or "").lower()
-        if pool_type not in _SUPPORTED_POOLS:
-            raise NotImplementedError(
-                f"global_pool={pool_type!r} is not supported; use one of {_SUPPORTED_POOLS}")
         self.pool_type = pool_type
 
     def is_identity(self) -> bool:
@@ -473,28 +452,9 @@ def _check_image(x, stem_conv: nn.Conv2d, stages) -> None:
                         f"{param.dtype}; cast one of them, or run under torch.autocast")
 
 
-def _to_4tuple(v) -> Tuple[int, int, int, int]:
-    if isinstance(v, int):
-        return (v,) * 4
-    v = tuple(v)
-    if len(v) != 4:
-        raise ValueError(f"kernel_sizes must be an int or 4 ints, got {v}")
-    return v
-
-
 def _stagewise_drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> List[List[float]]:
     """timm's ``calculate_drop_path_rates(rate, depths, stagewise=True)``: linspace split per stage."""
     return [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
-
-
-def _is_gelu(act: Any) -> bool:
-    if act is None:
-        return True
-    if isinstance(act, str):
-        return act.lower() == "gelu"
-    if act is nn.GELU or act is F.gelu:
-        return True
-    return isinstance(act, type) and act.__name__ == "GELU" and act.__module__.startswith(("timm.", "torch."))
 
 
 @torch.no_grad()
@@ -531,10 +491,11 @@ def _init_weights(module: nn.Module, name: str = "", head_init_scale: float = 1.
 class ConvNeXt(nn.Module):
     """ConvNeXt (V1 / V2) with timm's structure; the blocks run on :mod:`convnext_fast.ops`.
 
-    Arguments are timm's. Supported: ``stem_type='patch'``, ``output_stride=32``,
-    ``head_norm_first=False``, LayerNorm norms (``norm_layer`` None/'layernorm'/'layernorm2d'),
-    exact GELU (``act_layer`` 'gelu'), odd ``kernel_sizes``, ``global_pool`` in
-    ('avg', 'max', 'avgmax', ''). Anything else raises ``NotImplementedError``.
+    Arguments are timm's. Supported (judged by :mod:`convnext_fast.models.support`):
+    ``stem_type='patch'``, ``output_stride=32``, ``head_norm_first=False``, LayerNorm norms
+    (``norm_layer`` None/'layernorm'/'layernorm2d'), exact GELU (``act_layer`` 'gelu'), no layer
+    scale with ``use_grn=True``, ``global_pool`` in ('avg', 'max', 'avgmax', ''); anything else
+    raises ``NotImplementedError``. Odd ``kernel_sizes`` and 4 ``depths``/``dims``, else ``ValueError``.
     """
 
     def __init__(
@@ -564,28 +525,17 @@ class ConvNeXt(nn.Module):
             dtype=None,
     ):
         super().__init__()
-        if output_stride != 32:
-            raise NotImplementedError(
-                f"ConvNeXt: output_stride={output_stride} (dilated stages) is not supported; only 32 "
-                "(the fused dwconv_ln has no dilation). For a dilated ConvNeXt create the timm model "
-                f"(timm.create_model(..., output_stride={output_stride})) and call "
-                "convnext_fast.patch_timm(model): its undilated blocks then run on the fused ops and "
-                "the report lists the dilated ones, which keep timm's forward")
-        if stem_type != "patch":
-            raise NotImplementedError(f"ConvNeXt: stem_type={stem_type!r} is not supported; only 'patch'")
-        if head_norm_first:
-            raise NotImplementedError("ConvNeXt: head_norm_first=True is not supported")
-        if norm_layer not in (None, "layernorm", "layernorm2d"):
-            raise NotImplementedError(f"ConvNeXt: norm_layer={norm_layer!r} is not supported; only LayerNorm")
-        if not _is_gelu(act_layer):
-            raise NotImplementedError(f"ConvNeXt: act_layer={act_layer!r} is not supported; only exact GELU")
+        reason = support.config_reason(
+            output_stride=output_stride, stem_type=stem_type, head_norm_first=head_norm_first,
+            norm_layer=norm_layer, act_layer=act_layer, use_grn=use_grn, ls_init_value=ls_init_value,
+            global_pool=global_pool)
+        if reason:
+            raise NotImplementedError(f"ConvNeXt: {reason}")
         depths, dims = tuple(int(d) for d in depths), tuple(int(d) for d in dims)
-        if len(depths) != 4 or len(dims) != 4:
-            raise ValueError(f"ConvNeXt: depths and dims must have 4 entries, got {depths} and {dims}")
-        kernel_sizes = _to_4tuple(kernel_sizes)
-        for k in kernel_sizes:
-            if k % 2 == 0:
-                raise ValueError(f"ConvNeXt: kernel sizes must be odd, got {kernel_sizes}")
+        error = support.config_error(depths, dims, kernel_sizes)
+        if error:
+            raise ValueError(f"ConvNeXt: {error}")
+        kernel_sizes = support.stage_kernel_sizes(kernel_sizes, len(depths))
         dd = {"device": device, "dtype": dtype}
         eps = 1e-6 if norm_eps is None else norm_eps
 
@@ -595,7 +545,8 @@ class ConvNeXt(nn.Module):
         self.feature_info: List[Dict[str, Any]] = []
 
         self.stem = nn.Sequential(
-            PatchConv2d(in_chans, dims[0], kernel_size=patch_size, stride=patch_size, bias=conv_bias, **dd),
+            Fp32ComputeConv2d(in_chans, dims[0], kernel_size=patch_size, stride=patch_size, bias=conv_bias,
+                              **dd),
             LayerNorm2d(dims[0], eps=eps, **dd),
         )
         dp_rates = _stagewise_drop_path_rates(drop_path_rate, depths)

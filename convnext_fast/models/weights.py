@@ -23,6 +23,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import support
 from .convnext import ConvNeXt, ConvNeXtFeatures
 
 __all__ = [
@@ -152,21 +153,36 @@ def _block_key(i: str, j: str, rest: str, table: Mapping[str, str]) -> Optional[
     return None
 
 
+# (pattern, timm name): a template for re.Match.expand, or a block's parameter table for _block_key
+# (groups: stage, block, rest). The first pattern that matches the whole key decides.
+_OFFICIAL_RULES = (
+    (r"downsample_layers\.0\.(\d+)\.(.+)", r"stem.\1.\2"),
+    (r"downsample_layers\.(\d+)\.(\d+)\.(.+)", r"stages.\1.downsample.\2.\3"),
+    (r"stages\.(\d+)\.(\d+)\.(.+)", _OFFICIAL_BLOCK),
+    (r"norm\.(.+)", r"head.norm.\1"),
+    (r"head\.(?!fc\.|norm\.)(.+)", r"head.fc.\1"),
+)
+_HF_RULES = (  # matched against the key without the model prefix
+    (r"embeddings\.patch_embeddings\.(.+)", r"stem.0.\1"),
+    (r"embeddings\.layernorm\.(.+)", r"stem.1.\1"),
+    (r"encoder\.stages\.(\d+)\.downsampling_layer\.(\d+)\.(.+)", r"stages.\1.downsample.\2.\3"),
+    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(.+)", _HF_BLOCK),
+    (r"layernorm\.(.+)", r"head.norm.\1"),
+)
+
+
+def _renamed(k: str, rules) -> Optional[str]:
+    """timm's name for ``k`` by the first rule matching it, None when none does (or a block
+    parameter is not in the table)."""
+    for pattern, to in rules:
+        m = re.fullmatch(pattern, k)
+        if m:
+            return m.expand(to) if isinstance(to, str) else _block_key(m[1], m[2], m[3], to)
+    return None
+
+
 def _official_key(k: str) -> str:
-    m = re.fullmatch(r"downsample_layers\.0\.(\d+)\.(.+)", k)
-    if m:
-        return f"stem.{m[1]}.{m[2]}"
-    m = re.fullmatch(r"downsample_layers\.(\d+)\.(\d+)\.(.+)", k)
-    if m:
-        return f"stages.{m[1]}.downsample.{m[2]}.{m[3]}"
-    m = re.fullmatch(r"stages\.(\d+)\.(\d+)\.(.+)", k)
-    if m:
-        return _block_key(m[1], m[2], m[3], _OFFICIAL_BLOCK) or k
-    if k.startswith("norm."):
-        return "head.norm." + k[len("norm."):]
-    if k.startswith("head.") and not k.startswith(("head.fc.", "head.norm.")):
-        return "head.fc." + k[len("head."):]
-    return k
+    return _renamed(k, _OFFICIAL_RULES) or k
 
 
 def _hf_key(k: str, prefix: str) -> str:
@@ -174,20 +190,7 @@ def _hf_key(k: str, prefix: str) -> str:
         return "head.fc." + k[len("classifier."):]
     if not k.startswith(prefix):
         return k
-    rest = k[len(prefix):]
-    if rest.startswith("embeddings.patch_embeddings."):
-        return "stem.0." + rest[len("embeddings.patch_embeddings."):]
-    if rest.startswith("embeddings.layernorm."):
-        return "stem.1." + rest[len("embeddings.layernorm."):]
-    m = re.fullmatch(r"encoder\.stages\.(\d+)\.downsampling_layer\.(\d+)\.(.+)", rest)
-    if m:
-        return f"stages.{m[1]}.downsample.{m[2]}.{m[3]}"
-    m = re.fullmatch(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(.+)", rest)
-    if m:
-        return _block_key(m[1], m[2], m[3], _HF_BLOCK) or k
-    if rest.startswith("layernorm."):
-        return "head.norm." + rest[len("layernorm."):]
-    return k
+    return _renamed(k[len(prefix):], _HF_RULES) or k
 
 
 def _squeezed(shape) -> Tuple[int, ...]:
@@ -316,64 +319,33 @@ def load_pretrained(model: nn.Module, path: PathLike) -> nn.Module:
 # timm -> convnext_fast
 # --------------------------------------------------------------------------------------------
 
-def _cls(m) -> str:
-    return type(m).__name__
-
-
 def from_timm(timm_model: nn.Module) -> ConvNeXt:
     """A :class:`ConvNeXt` with ``timm_model``'s configuration and weights (same device, dtype,
     train/eval mode and requires_grad flags). Reads the configuration from the live modules;
-    raises NotImplementedError for timm options this package does not implement."""
+    raises NotImplementedError for what :func:`~convnext_fast.models.support.timm_model_reason`
+    finds unsupported."""
     for attr in ("stem", "stages", "head", "norm_pre"):
         if not hasattr(timm_model, attr):
-            raise TypeError(f"from_timm expects a timm ConvNeXt (no {attr!r} attribute on {_cls(timm_model)})")
+            raise TypeError(f"from_timm expects a timm ConvNeXt (no {attr!r} attribute on "
+                            f"{type(timm_model).__name__})")
+    reason = support.timm_model_reason(timm_model)
+    if reason:
+        raise NotImplementedError(f"from_timm: {reason} is not supported by convnext_fast")
     stem, stages, head = timm_model.stem, timm_model.stages, timm_model.head
 
-    def unsupported(what: str):
-        raise NotImplementedError(f"from_timm: {what} is not supported by convnext_fast")
-
-    if len(stem) != 2 or not isinstance(stem[0], nn.Conv2d) or stem[0].kernel_size != stem[0].stride:
-        unsupported("a stem other than 'patch' (conv k=s + norm)")
-    if not isinstance(timm_model.norm_pre, nn.Identity):
-        unsupported("head_norm_first=True")
-    if len(stages) != 4:
-        unsupported(f"{len(stages)} stages (pruned model)")
-    if _cls(head) != "NormMlpClassifierHead":
-        unsupported(f"head {_cls(head)}")
-
     depths, dims, kernel_sizes = [], [], []
-    block0 = None
     for i, stage in enumerate(stages):
-        ds = stage.downsample
-        if i > 0 or not isinstance(ds, nn.Identity):
-            if not (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[1], nn.Conv2d)
-                    and ds[1].stride == (2, 2) and ds[1].kernel_size == (2, 2) and ds[1].dilation == (1, 1)):
-                unsupported(f"stage {i} downsample (output_stride != 32 or dilation)")
         blocks = list(stage.blocks)
         depths.append(len(blocks))
         if blocks:
-            b = blocks[0]
-            block0 = block0 or b
-            dims.append(b.conv_dw.out_channels)
-            kernel_sizes.append(b.conv_dw.kernel_size[0])
+            dims.append(blocks[0].conv_dw.out_channels)
+            kernel_sizes.append(blocks[0].conv_dw.kernel_size[0])
         else:
-            dims.append(ds[1].out_channels if i > 0 else stem[0].out_channels)
+            dims.append(stage.downsample[1].out_channels if i > 0 else stem[0].out_channels)
             kernel_sizes.append(7)
-        for b in blocks:
-            if b.conv_dw.stride != (1, 1) or b.conv_dw.dilation != (1, 1):
-                unsupported("strided or dilated blocks")
-            act = b.mlp.act
-            if _cls(act) != "GELU" or getattr(act, "approximate", "none") != "none":
-                unsupported(f"activation {_cls(act)} (only exact GELU)")
-    if block0 is None:
-        unsupported("a model without blocks")
-    norms = [stem[1], head.norm] + [s.downsample[0] for s in stages if not isinstance(s.downsample, nn.Identity)]
-    norms += [b.norm for s in stages for b in s.blocks]
-    for n in norms:
-        if _cls(n) not in ("LayerNorm", "LayerNorm2d", "Identity"):
-            unsupported(f"norm layer {_cls(n)} (only LayerNorm)")
+    block0 = next(b for s in stages for b in s.blocks)
 
-    dps = [b.drop_path.drop_prob for s in stages for b in s.blocks if _cls(b.drop_path) == "DropPath"]
+    dps = [b.drop_path.drop_prob for s in stages for b in s.blocks if type(b.drop_path).__name__ == "DropPath"]
     p = next(timm_model.parameters())
     num_classes = getattr(timm_model, "num_classes", 0)
     model = ConvNeXt(

