@@ -12,7 +12,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -125,13 +125,13 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["convnext_fast", "convnext_fast.ops", "convnext_fast.models", "convnext_fast.kernels"],
-    package_dir={"convnext_fast.kernels": "kernels"},
-    install_requires=["torch>=2.6", "safetensors", "rich"],
+    packages=find_packages(include=["convnext_fast", "convnext_fast.*"]),
+    package_data={"convnext_fast.backends": ["backend_order.json"]},
+    install_requires=["torch>=2.6", "safetensors"],
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "timm>=1.0.15"],
-        "bench": ["timm>=1.0.15", "matplotlib"],
+        "bench": ["timm>=1.0.15", "rich", "matplotlib", "pytest-benchmark"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

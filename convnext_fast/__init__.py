@@ -6,13 +6,15 @@
 
 See README.md; ``python -m convnext_fast info`` shows which backend runs each op and why.
 """
-from . import backends, ops, reference
+from . import backends, ops, reference, specs
 from .backends import BackendError, use_backend
 from .models import *  # noqa: F401,F403  (variant constructors, create_model, from_timm, ...)
 from .models import __all__ as _model_names
 from .patch import PatchReport, patch_timm, unpatch_timm
 
+backends.load()  # each backend registers its implementations of the ops in specs
+
 __version__ = "0.1.0"
 
-__all__ = ["backends", "ops", "reference", "BackendError", "use_backend", "patch_timm", "unpatch_timm",
+__all__ = ["backends", "ops", "reference", "specs", "BackendError", "use_backend", "patch_timm", "unpatch_timm",
            "PatchReport", *_model_names]

@@ -48,6 +48,15 @@ def cpu_gemm_dtypes() -> dict:
     return dict(mod.cpu_gemm_dtypes())
 
 
+def cuda_limits() -> dict:
+    """The CUDA dwconv_ln kernels' limits (max_c, tile_w, bwd_static_shared_bytes, max_grid_yz,
+    kernel_sizes) as compiled into the extension; empty without it (or in an old build)."""
+    mod = load()
+    if mod is None or not hasattr(mod, "cuda_limits"):
+        return {}
+    return dict(mod.cuda_limits())
+
+
 def has_cuda_kernels() -> bool:
     return bool(build_info().get("with_cuda", False))
 

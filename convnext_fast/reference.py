@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dwconv_ln", "dwconv_ln_bwd", "mlp", "mlp_grn", "grn"]
+__all__ = ["dwconv_ln", "dwconv_ln_bwd", "mlp", "mlp_bwd", "mlp_grn", "mlp_grn_bwd", "grn"]
 
 _CL = torch.channels_last
 
@@ -62,8 +62,8 @@ def mlp(
     fc1_bias: Optional[torch.Tensor],
     fc2_weight: torch.Tensor,
     fc2_bias: Optional[torch.Tensor],
-    gamma: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
+    gamma: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """out = residual + gamma * fc2(gelu_erf(fc1(y))), per pixel over channels.
 
@@ -83,7 +83,7 @@ def mlp_grn(
     grn_bias: torch.Tensor,
     fc2_weight: torch.Tensor,
     fc2_bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """ConvNeXt V2 MLP: out = residual + fc2(GRN(gelu_erf(fc1(y)))).
@@ -129,3 +129,49 @@ def dwconv_ln_bwd(
     return (dx.to(x.dtype).contiguous(memory_format=_CL), dw.to(conv_weight.dtype),
             None if conv_bias is None else db.to(conv_bias.dtype),
             d_ln_w.to(ln_weight.dtype), d_ln_b.to(ln_weight.dtype))
+
+
+def _autograd_grads(fn, grad_out: torch.Tensor, args: dict) -> tuple:
+    """Gradients of ``fn(**args)`` against ``grad_out`` w.r.t. every tensor argument, in argument
+    order (None for arguments that are None), by autograd through the composite."""
+    leaves = {n: v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v
+              for n, v in args.items()}
+    with torch.enable_grad():
+        out = fn(**leaves)
+        live = [v for v in leaves.values() if isinstance(v, torch.Tensor)]
+        grads = iter(torch.autograd.grad(out, live, grad_out))
+    return tuple(next(grads) if isinstance(v, torch.Tensor) else None
+                 for n, v in leaves.items() if isinstance(v, torch.Tensor) or v is None)
+
+
+def mlp_bwd(
+    grad_out: torch.Tensor,
+    y: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    gamma: Optional[torch.Tensor],
+):
+    """Gradients of :func:`mlp` (without the residual, whose gradient is grad_out itself):
+    (dy, d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias, d_gamma), None for absent arguments."""
+    return _autograd_grads(mlp, grad_out, dict(y=y, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
+                                               fc2_weight=fc2_weight, fc2_bias=fc2_bias, gamma=gamma))
+
+
+def mlp_grn_bwd(
+    grad_out: torch.Tensor,
+    y: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    grn_weight: torch.Tensor,
+    grn_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    eps: float = 1e-6,
+):
+    """Gradients of :func:`mlp_grn` (without the residual): (dy, d_fc1_weight, d_fc1_bias,
+    d_grn_weight, d_grn_bias, d_fc2_weight, d_fc2_bias), None for absent arguments."""
+    args = dict(y=y, fc1_weight=fc1_weight, fc1_bias=fc1_bias, grn_weight=grn_weight,
+                grn_bias=grn_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
+    return _autograd_grads(lambda **a: mlp_grn(**a, eps=eps), grad_out, args)

@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "include/dwconv_limits.h"
 #include "include/mlp_cpu.h"
 
 TORCH_LIBRARY(convnext_fast, m) {
@@ -89,8 +90,21 @@ static PyObject* cpu_gemm_dtypes(PyObject*, PyObject*) {
   return d;
 }
 
+// cuda_limits(): the CUDA dwconv_ln kernels' limits, for the cuda backend's support rule.
+static PyObject* cuda_limits(PyObject*, PyObject*) {
+  using namespace convnext_fast;
+  PyObject* sizes = PyTuple_New(sizeof(kCudaKernelSizes) / sizeof(int));
+  for (size_t i = 0; i < sizeof(kCudaKernelSizes) / sizeof(int); ++i)
+    PyTuple_SET_ITEM(sizes, i, PyLong_FromLong(kCudaKernelSizes[i]));
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:N}", "max_c", (long long)kMaxC, "tile_w",
+                       (long long)kTileW, "bwd_static_shared_bytes",
+                       (long long)kBwdStaticSharedBytes, "max_grid_yz", (long long)kMaxGridYZ,
+                       "kernel_sizes", sizes);
+}
+
 static PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "Facts recorded when the extension was built."},
+    {"cuda_limits", cuda_limits, METH_NOARGS, "The CUDA dwconv_ln kernels' limits."},
     {"cpu_gemm_dtypes", cpu_gemm_dtypes, METH_NOARGS,
      "The dtype of the CPU mlp forward's GEMMs for bf16 and fp16 inputs."},
     {nullptr, nullptr, 0, nullptr}};

@@ -7,36 +7,28 @@ the tests: ``torch``, ``cpu`` and ``triton`` (under TRITON_INTERPRET=1) run on t
 """
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Sequence
 
 import pytest
 import torch
 
 from convnext_fast import backends, ops, reference
+from convnext_fast.specs import FORWARD_OPS, SPECS
 from convnext_fast.testing import assert_fp32, assert_parity
 
-OPS = ("dwconv_ln", "mlp", "mlp_grn")
+OPS = FORWARD_OPS
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="no CUDA device visible")
 _DEVICES = {"torch": ("cpu",), "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cpu", "cuda")}
-# argument names, in the ops' positional order
-ARG_NAMES = {
-    "dwconv_ln": ("x", "conv_weight", "conv_bias", "ln_weight", "ln_bias"),
-    "mlp": ("y", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "gamma", "residual"),
-    "mlp_grn": ("y", "fc1_weight", "fc1_bias", "grn_weight", "grn_bias", "fc2_weight", "fc2_bias",
-                "residual"),
-}
+# tensor argument names, in the ops' positional order (the scalar eps comes last)
+ARG_NAMES = {op: tuple(n for n in SPECS[op].names if n not in SPECS[op].scalars) for op in OPS}
 
 
 def backend_params(op: str) -> List:
     """pytest params ``(backend, device)`` for every backend registered for ``op``."""
-    out = []
-    for b in backends.BACKENDS:
-        if b not in backends._REGISTRY[op]:
-            continue
-        for d in _DEVICES[b]:
-            out.append(pytest.param(b, d, id=f"{b}-{d}", marks=[needs_gpu] if d == "cuda" else []))
-    return out
+    return [pytest.param(b, d, id=f"{b}-{d}", marks=[needs_gpu] if d == "cuda" else [])
+            for b in backends.registered(op) for d in _DEVICES[b]]
 
 
 def op_backend_params(ops_: Sequence[str] = OPS) -> List:
@@ -48,65 +40,20 @@ def op_backend_params(ops_: Sequence[str] = OPS) -> List:
 def skip_unless_runs(op: str, backend: str, args) -> None:
     """Skip (with the registry's reason) when ``backend`` cannot run this call at all here, e.g.
     the extension is not built. A backend that can run must then pass the test."""
-    reason = backends._why_not(op, backend, _full(op, args), {})
+    reason = backends.why_not(op, backend, SPECS[op].bind(args))
     if reason is not None:
         pytest.skip(f"{op} on {backend}: {reason}")
 
 
-_DEFAULTS = {"dwconv_ln": (None,) * 5 + (1e-6,), "mlp": (None,) * 7, "mlp_grn": (None,) * 8 + (1e-6,)}
-
-
-def _full(op, args):
-    """``args`` completed with the trailing defaults, as the backends' ``supports`` takes them."""
-    return tuple(args) + _DEFAULTS[op][len(args):]
-
-
-def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0):
-    return (scale * torch.randn(*shape)).to(device=device, dtype=dtype)
-
-
-def dw_inputs(N=2, C=8, H=5, W=6, k=3, dtype=torch.float32, device="cpu", bias=True):
-    """(x [N,C,H,W] channels-last, conv_weight [C,1,k,k], conv_bias [C] or None, ln_weight, ln_bias)."""
-    x = rand(N, C, H, W, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
-    return [x, rand(C, 1, k, k, dtype=dtype, device=device, scale=1 / k),
-            rand(C, dtype=dtype, device=device) if bias else None,
-            (1 + rand(C, scale=0.5)).to(device, dtype), rand(C, dtype=dtype, device=device, scale=0.5)]
-
-
-def mlp_inputs(N=2, C=8, H=3, W=3, D=None, dtype=torch.float32, device="cpu", bias=True,
-               gamma=True, residual=True):
-    """(y, fc1_weight [D,C], fc1_bias, fc2_weight [C,D], fc2_bias, gamma [C], residual), D = 4C."""
-    D = D or 4 * C
-    y = rand(N, C, H, W, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
-    res = rand(N, C, H, W, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
-    return [y, rand(D, C, dtype=dtype, device=device, scale=C ** -0.5),
-            rand(D, dtype=dtype, device=device) if bias else None,
-            rand(C, D, dtype=dtype, device=device, scale=D ** -0.5),
-            rand(C, dtype=dtype, device=device) if bias else None,
-            rand(C, dtype=dtype, device=device) if gamma else None, res if residual else None]
-
-
-def grn_inputs(N=2, C=8, H=3, W=3, D=None, dtype=torch.float32, device="cpu", bias=True,
-               residual=True, **_):
-    """(y, fc1_weight, fc1_bias, grn_weight [D], grn_bias [D], fc2_weight, fc2_bias, residual)."""
-    y, w1, b1, w2, b2, _, res = mlp_inputs(N, C, H, W, D, dtype, device, bias, False, residual)
-    D = w1.shape[0]
-    return [y, w1, b1, rand(D, dtype=dtype, device=device), rand(D, dtype=dtype, device=device),
-            w2, b2, res]
-
-
-def inputs(op: str, N=2, C=8, H=3, W=3, dtype=torch.float32, device="cpu", **kw):
-    """Fresh random inputs of ``op`` (k for dwconv_ln; D, bias, gamma, residual for the MLPs)."""
-    if op == "dwconv_ln":
-        kw.pop("D", None)
-        kw.pop("gamma", None)
-        kw.pop("residual", None)
-        return dw_inputs(N, C, H, W, dtype=dtype, device=device, **kw)
-    kw.pop("k", None)
-    if op == "mlp":
-        return mlp_inputs(N, C, H, W, dtype=dtype, device=device, **kw)
-    kw.pop("gamma", None)
-    return grn_inputs(N, C, H, W, dtype=dtype, device=device, **kw)
+def inputs(op: str, N=2, C=8, H=3, W=3, dtype=torch.float32, device="cpu", **kw) -> list:
+    """Fresh random tensor inputs of ``op`` from its spec, positional, scalars (eps) left at their
+    defaults (k for dwconv_ln; D, bias, gamma, residual for the MLPs; options an op does not take
+    are ignored)."""
+    spec = SPECS[op]
+    accepted = inspect.signature(spec.make_inputs).parameters
+    kw = {k: v for k, v in kw.items() if k in accepted}
+    args = spec.make_inputs(device, dtype, N=N, C=C, H=H, W=W, **kw)
+    return [v for n, v in args.items() if n not in spec.scalars]
 
 
 def call(op: str, args, backend: Optional[str] = None) -> torch.Tensor:

@@ -19,3 +19,23 @@ import pytest  # noqa: E402
 def _fresh_seed(request):
     # A distinct, reproducible seed per test: inputs differ across tests but a failure replays.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def replace_backend():
+    """``replace_backend(op, backend, fn=..., available=..., supports=...)``: swap parts of a
+    registered implementation for one test (through the public registry), restored afterwards."""
+    import dataclasses
+
+    from convnext_fast import backends
+
+    saved = []
+
+    def replace(op: str, backend: str, **fields):
+        old = backends.registered(op)[backend]
+        backends.register(op, backend, dataclasses.replace(old, **fields))
+        saved.append((op, backend, old))
+
+    yield replace
+    for op, backend, old in reversed(saved):
+        backends.register(op, backend, old)

@@ -10,19 +10,17 @@ def args(C=8):
             torch.randn(C))
 
 
-def picked(monkeypatch, **kw):
+def picked(replace_backend, **kw):
     seen = []
-    impl = backends._REGISTRY["dwconv_ln"]["torch"]
-    monkeypatch.setitem(backends._REGISTRY["dwconv_ln"], "torch",
-                        backends.OpImpl(lambda *a: seen.append("torch") or impl.fn(*a),
-                                        impl.available, impl.supports))
+    fn = backends.registered("dwconv_ln")["torch"].fn
+    replace_backend("dwconv_ln", "torch", fn=lambda **a: seen.append("torch") or fn(**a))
     ops.dwconv_ln(*args(), **kw)
     return seen
 
 
-def test_precedence(monkeypatch):
+def test_precedence(monkeypatch, replace_backend):
     monkeypatch.setenv("CONVNEXT_FAST_BACKEND", "torch")
-    assert picked(monkeypatch) == ["torch"]
+    assert picked(replace_backend) == ["torch"]
     with use_backend("auto"):
         assert backends.requested_backend() == (None, "use_backend()")
     with use_backend("torch"):
@@ -57,9 +55,8 @@ def test_env_var_unknown(monkeypatch):
         ops.dwconv_ln(*args())
 
 
-def test_automatic_records_what_it_skipped(monkeypatch):
-    monkeypatch.setitem(backends._REGISTRY["dwconv_ln"], "cpu", backends.OpImpl(
-        lambda *a: None, lambda: "pretend the extension is missing", lambda *a: None))
+def test_automatic_records_what_it_skipped(replace_backend):
+    replace_backend("dwconv_ln", "cpu", available=lambda: "pretend the extension is missing")
     ops.dwconv_ln(*args())
     name, skipped = backends.last_selections()["dwconv_ln"]
     assert name == "torch"

@@ -374,15 +374,19 @@ def _fake(*shape, device="cpu", dtype=torch.bfloat16):
 def test_triton_supports_knows_its_int32_offsets(device):
     """The index limits of the Triton kernels, on fake tensors (no memory): exactly at the limit
     is accepted, one past it is refused with the reason."""
-    from convnext_fast.ops import _triton_dwconv_ln, _triton_mlp
+    from convnext_fast import backends
+    from convnext_fast.specs import SPECS
 
-    if device == "cpu" and _triton_dwconv_ln.available() is not None:
-        pytest.skip(f"triton: {_triton_dwconv_ln.available()}")
+    if backends.available("dwconv_ln", "triton") is not None:
+        pytest.skip(f"triton: {backends.available('dwconv_ln', 'triton')}")
     C, k = 8, 7
+
+    def supports(op, args):
+        return backends.registered(op)["triton"].supports(**SPECS[op].bind(args))
 
     def dw(N, H, W, C=C, k=k):
         w = _fake(C, 1, k, k, device=device)
-        return _triton_dwconv_ln.supports(_fake(N, C, H, W, device=device), w, None, w, w, 1e-6)
+        return supports("dwconv_ln", (_fake(N, C, H, W, device=device), w, None, w, w, 1e-6))
 
     assert dw(1, 2 ** 15, 2 ** 16 - 1) is None
     assert "N*H*W < 2**31" in dw(1, 2 ** 15, 2 ** 16)
@@ -391,8 +395,8 @@ def test_triton_supports_knows_its_int32_offsets(device):
     assert dw(1, 1, W) is None
     assert "int32" in dw(1, 1, W + 1)
     mlp_args = lambda M: (_fake(1, C, 1, M, device=device), *(None,) * 6)  # noqa: E731
-    assert _triton_mlp.supports_mlp(*mlp_args(2 ** 31 - 1)) is None
-    assert "N*H*W < 2**31" in _triton_mlp.supports_mlp(*mlp_args(2 ** 31))
+    assert supports("mlp", mlp_args(2 ** 31 - 1)) is None
+    assert "N*H*W < 2**31" in supports("mlp", mlp_args(2 ** 31))
 
 
 @pytest.mark.skipif(not LARGE, reason="allocates ~10 GB, ~30 s: set CONVNEXT_FAST_LARGE_TESTS=1 to run it")

@@ -6,6 +6,8 @@ import sys
 import pytest
 
 from convnext_fast.__main__ import main
+from convnext_fast.backends import order
+from convnext_fast.bench import STAGES, backend_order_entries
 
 
 def test_info_lists_ops_backends_and_reasons():
@@ -57,10 +59,46 @@ def test_bench_plot_and_plot_script(tmp_path):
                          "bytes": 1e7}, "stats": {"median": 0.002}}]}))
     out = tmp_path / "suite.png"
     script = __import__("pathlib").Path(__file__).parents[1] / "benchmarks" / "plot.py"
-    done = subprocess.run([sys.executable, str(script), str(bench_json), "-o", str(out)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script), str(bench_json), "--ceilings", str(record), "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 10_000
+
+
+def test_bench_ops_and_ceilings_write_the_backend_order(tmp_path):
+    record, order_file = tmp_path / "ops.json", tmp_path / "order.json"
+    rc = main(["bench", "--ops", "--ceilings", "--device", "cpu", "--resolution", "32", "--batch", "1",
+               "--warmup", "0", "--iters", "2", "--json", str(record), "--write-backend-order", str(order_file)])
+    assert rc == 0
+    data = json.loads(record.read_text())
+    assert data["results"] == [] and {"copy_GBps", "matmul_TFLOPs"} <= set(data["ceilings"])
+    assert {(o["op"], o["mode"]) for o in data["ops"]} == {(op, m) for op in ("dwconv_ln", "mlp", "mlp_grn")
+                                                         for m in ("fwd", "fwd+bwd")}
+    assert all(o["iqr_ms"] >= 0 and o["peak_mem_mb"] is None for o in data["ops"])
+    entries = order.load(str(order_file))
+    assert {(e["op"], e["training"]) for e in entries} == {(o["op"], o["mode"] != "fwd") for o in data["ops"]}
+    for e in entries:
+        assert e["device"] == "cpu" and e["dtype"] == "fp32" and "torch" in e["order"]
+        assert [e["ms"][b] for b in e["order"]] == sorted(e["ms"].values())
+        assert {"device", "torch", "triton", "commit", "date"} <= set(e["measured"])
+        assert e["measured"]["source"] == str(record)
+
+
+def test_backend_order_sums_stages_by_blocks():
+    rows = [{"op": "mlp", "backend": b, "mode": "fwd", "device": "cuda:0", "dtype": "bf16",
+             "shape": [8, C, H, H], "ms": ms}
+            for b, per_stage in {"torch": (1, 1, 1, 1), "triton": (2, 2, 0.5, 2), "cuda": (0.1, 0.1, 0.1, None)}.items()
+            for (C, H, _), ms in zip(STAGES, per_stage) if ms is not None]
+    (entry,) = backend_order_entries(rows, {"gpu": "H200", "torch": "2.x", "commit": "abc"}, "here")
+    # torch 3+3+9+3 = 18, triton 6+6+4.5+6 = 22.5; cuda ran only three stages, so it goes last
+    assert entry["order"] == ["torch", "triton", "cuda"] and entry["ms"]["triton"] == 22.5
+    assert (entry["device"], entry["training"], entry["measured"]["device"]) == ("cuda", False, "H200")
+
+
+def test_bench_write_backend_order_needs_ops(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--write-backend-order"])
+    assert "needs --ops" in capsys.readouterr().err
 
 
 def test_bench_rejects_unknown_provider(capsys):

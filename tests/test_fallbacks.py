@@ -22,32 +22,30 @@ from convnext_fast.__main__ import main
 sys.path.insert(0, os.path.dirname(__file__))  # tests/_cases.py (--import-mode=importlib adds none)
 from _cases import OPS, inputs  # noqa: E402
 
+from convnext_fast.specs import SPECS  # noqa: E402
+
 NO_EXT = "convnext_fast._C could not be imported (simulated: not built)"
 
 
 @pytest.fixture
-def no_extension(monkeypatch):
+def no_extension(monkeypatch, replace_backend):
     """As if the extension had failed to import: ``_ext`` says so, and every cpu/cuda backend
-    (some cache their reason at import) reports it. The subprocess test below checks the real
-    detection."""
+    (they ask the extension once, at import) reports it. The subprocess test below checks the
+    real detection."""
     monkeypatch.setattr(_ext, "_module", None)
     monkeypatch.setattr(_ext, "_error", NO_EXT)
     monkeypatch.setattr(_ext, "_tried", True)
     for op in OPS:
         for b in ("cpu", "cuda"):
-            impl = backends._REGISTRY[op].get(b)
-            if impl is not None:
-                monkeypatch.setitem(backends._REGISTRY[op], b,
-                                    backends.OpImpl(impl.fn, _ext.error, impl.supports))
+            if b in backends.registered(op):
+                replace_backend(op, b, available=_ext.error)
 
 
 @pytest.fixture
-def no_triton(monkeypatch):
+def no_triton(replace_backend):
     """As if triton were not installed (the registry's triton entries say so)."""
     for op in OPS:
-        impl = backends._REGISTRY[op]["triton"]
-        monkeypatch.setitem(backends._REGISTRY[op], "triton",
-                            backends.OpImpl(impl.fn, lambda: "triton is not installed", impl.supports))
+        replace_backend(op, "triton", available=lambda: "triton is not installed")
 
 
 def _info(capsys, monkeypatch) -> str:
@@ -64,10 +62,10 @@ def _model(**kw):
 def test_without_the_extension(no_extension, capsys, monkeypatch):
     for op in OPS:
         for b in ("cpu", "cuda"):
-            if b in backends._REGISTRY[op]:
+            if b in backends.registered(op):
                 assert backends.available(op, b) == NO_EXT, (op, b)
     model, x = _model(), torch.randn(2, 3, 32, 32)
-    backends._LAST.clear()
+    backends.clear_selections()
     with torch.no_grad():
         out = model(x)
         with use_backend("torch"):
@@ -147,28 +145,36 @@ def _fake_cuda(*shape):
         return torch.empty(*shape, device="cuda")
 
 
-def test_kernel_size_the_cuda_kernel_lacks(monkeypatch):
+def _cuda_supports(args) -> backends.Reason:
+    """The cuda backend's support rule on ``args`` (positional), whether or not it is built."""
+    return backends.registered("dwconv_ln")["cuda"].supports(**SPECS["dwconv_ln"].bind(args))
+
+
+def _select(device, backend, args):
+    return backends.select("dwconv_ln", device, backend, SPECS["dwconv_ln"].bind(args))
+
+
+def test_kernel_size_the_cuda_kernel_lacks(replace_backend):
     """k = 9: the CUDA kernel (k in 3, 5, 7) says why not; automatic selection skips it (even
     where it is built: simulated here), an explicit request raises."""
-    impl = backends._REGISTRY["dwconv_ln"]["cuda"]
     C = 16
     x = _fake_cuda(2, C, 8, 8).contiguous(memory_format=torch.channels_last)
     w9, vec = _fake_cuda(C, 1, 9, 9), _fake_cuda(C)
     args = (x, w9, vec, vec, vec, 1e-6)
-    assert impl.supports(*args) == "the CUDA kernel supports k in (3, 5, 7), got 9"
-    assert impl.supports(x, _fake_cuda(C, 1, 7, 7), vec, vec, vec, 1e-6) is None
-    monkeypatch.setitem(backends._REGISTRY["dwconv_ln"], "cuda",
-                        backends.OpImpl(impl.fn, lambda: None, impl.supports))  # "built with CUDA"
-    picked, _ = backends.select("dwconv_ln", x.device, None, args, {})
+    assert _cuda_supports(args) == "the CUDA kernel supports k in (3, 5, 7), got 9"
+    assert _cuda_supports((x, _fake_cuda(C, 1, 7, 7), vec, vec, vec, 1e-6)) is None
+    replace_backend("dwconv_ln", "cuda", available=lambda: None)  # "built with CUDA"
+    picked, _ = _select(x.device, None, args)
     _, skipped = backends.last_selections()["dwconv_ln"]
     assert picked != "cuda" and ("cuda", "the CUDA kernel supports k in (3, 5, 7), got 9") in skipped
     with pytest.raises(BackendError, match=r"backend 'cuda' .* k in \(3, 5, 7\), got 9"):
-        backends.select("dwconv_ln", x.device, "cuda", args, {})
+        _select(x.device, "cuda", args)
 
 
 @pytest.mark.parametrize("gpu, optin, largest_c", [
     ("sm_86", 99 * 1024, 3165), ("sm_80", 163 * 1024, 4096), ("sm_90", 227 * 1024, 4096)])
-def test_channels_beyond_the_gpus_shared_memory_fall_back(monkeypatch, gpu, optin, largest_c):
+def test_channels_beyond_the_gpus_shared_memory_fall_back(monkeypatch, replace_backend, gpu, optin,
+                                                         largest_c):
     """The CUDA kernels keep 8 pixels x C fp32 (+ 96 bytes in the backward) in shared memory: on a
     GPU whose per-block limit is below that (sm_86/89: 99 KiB) the CUDA backend says why and
     automatic selection skips it, instead of failing at launch. A GPU is simulated: fake CUDA
@@ -181,40 +187,35 @@ def test_channels_beyond_the_gpus_shared_memory_fall_back(monkeypatch, gpu, opti
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: SimpleNamespace(shared_memory_per_block_optin=optin))
     monkeypatch.setattr(_ext, "cuda_arch_unsupported", lambda capability: None)
-    impl = backends._REGISTRY["dwconv_ln"]["cuda"]
 
     def args(C):
         return (_fake_cuda(1, C, 7, 7).contiguous(memory_format=torch.channels_last),
                 _fake_cuda(C, 1, 7, 7), _fake_cuda(C), _fake_cuda(C), _fake_cuda(C), 1e-6)
 
-    assert impl.supports(*args(largest_c)) is None
+    assert _cuda_supports(args(largest_c)) is None
     if largest_c < 4096:
-        reason = impl.supports(*args(largest_c + 1))
+        reason = _cuda_supports(args(largest_c + 1))
         assert reason == (f"C = {largest_c + 1} needs {32 * (largest_c + 1) + 96} bytes of shared "
                           f"memory per block, more than this GPU's {optin}"), reason
-        monkeypatch.setitem(backends._REGISTRY["dwconv_ln"], "cuda",
-                            backends.OpImpl(impl.fn, lambda: None, impl.supports))  # "built with CUDA"
-        picked, _ = backends.select("dwconv_ln", torch.device("cuda"), None, args(largest_c + 1), {})
+        replace_backend("dwconv_ln", "cuda", available=lambda: None)  # "built with CUDA"
+        picked, _ = _select(torch.device("cuda"), None, args(largest_c + 1))
         assert picked != "cuda" and ("cuda", reason) in backends.last_selections()["dwconv_ln"][1]
-    assert "outside the CUDA kernel's limits" in impl.supports(*args(4097))
+    assert "outside the CUDA kernel's limits" in _cuda_supports(args(4097))
 
 
 def test_cuda_kernel_refuses_rows_too_wide_for_its_int32_indexing():
-    impl = backends._REGISTRY["dwconv_ln"]["cuda"]
     C = 4096
     x = _fake_cuda(1, C, 1, 2 ** 31 // C + 1).contiguous(memory_format=torch.channels_last)
     vec = _fake_cuda(C)
-    assert "one image row or plane is too large" in impl.supports(x, _fake_cuda(C, 1, 7, 7), vec, vec,
-                                                                   vec, 1e-6)
+    assert "one image row or plane is too large" in _cuda_supports((x, _fake_cuda(C, 1, 7, 7), vec, vec,
+                                                                     vec, 1e-6))
 
 
 def test_kernel_size_the_triton_kernels_lack():
     """k = 17 > MAX_K: triton refuses with the reason, automatic runs (correctly) on the CPU."""
     args = inputs("dwconv_ln", N=1, C=8, H=5, W=4, k=17)
-    from convnext_fast.ops import _triton_dwconv_ln
-
-    if _triton_dwconv_ln.available() is not None:
-        pytest.skip(_triton_dwconv_ln.available())
+    if backends.available("dwconv_ln", "triton") is not None:
+        pytest.skip(backends.available("dwconv_ln", "triton"))
     with pytest.raises(BackendError, match=r"backend 'triton' .* odd kernel of size <= \d+, got 17"):
         ops.dwconv_ln(*args, backend="triton")
     y = ops.dwconv_ln(*args)
@@ -224,7 +225,7 @@ def test_kernel_size_the_triton_kernels_lack():
 def test_model_with_a_large_kernel_runs_on_the_best_backend():
     """kernel_sizes=9 (beyond the CUDA kernel): on this CPU the C++ kernel takes any odd k."""
     model, x = _model(kernel_sizes=9), torch.randn(1, 3, 32, 32)
-    backends._LAST.clear()
+    backends.clear_selections()
     with torch.no_grad():
         out = model(x)
         picked, skipped = backends.last_selections()["dwconv_ln"]
@@ -257,7 +258,7 @@ def test_dilated_timm_model_runs_patched_with_the_dilated_blocks_reported():
     dilated = {n for n, m in blocks.items() if m.conv_dw.dilation != (1, 1)}
     assert dilated and dilated == {n for n, why in report.skipped if "dilation" in why}, str(report)
     assert report.blocks_patched == len(blocks) - len(dilated)
-    backends._LAST.clear()
+    backends.clear_selections()
     with torch.no_grad():
         got = model(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -12,7 +12,7 @@ low-precision parity rule and halves the trunk's memory traffic).
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -29,15 +29,14 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
-def autocast_inputs(device_type: str, *tensors: Optional[torch.Tensor]
-                    ) -> Tuple[Tuple[Optional[torch.Tensor], ...], contextlib.AbstractContextManager]:
-    """``tensors`` cast to the active autocast dtype, and the context to run the op in.
-
-    With autocast off: the tensors as they are and a no-op context.
-    """
+def autocast_args(device_type: str, args: Dict[str, object]
+                  ) -> Tuple[Dict[str, object], contextlib.AbstractContextManager]:
+    """``args`` (an op's arguments by name) with every floating tensor cast to the active
+    autocast dtype, and the context to run the op in. With autocast off: ``args`` itself and a
+    no-op context."""
     dtype = autocast_dtype(device_type)
     if dtype is None:
-        return tensors, _NO_CONTEXT
-    cast = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _CASTABLE else t
-                 for t in tensors)
+        return args, _NO_CONTEXT
+    cast = {n: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _CASTABLE else t
+            for n, t in args.items()}
     return cast, torch.autocast(device_type, enabled=False)

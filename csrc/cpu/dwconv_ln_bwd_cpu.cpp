@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../include/cpu_vec.h"
+#include "../include/dwconv_ln.h"
 #include "../include/dwconv_ln_bwd.h"
 
 namespace convnext_fast {
@@ -279,17 +280,7 @@ void dwconv_ln_bwd_cpu_fp64(const double* grad_y, const double* x, const double*
     for (int64_t pix = begin; pix < end; ++pix) {
       const int64_t n = pix / (H * W), h = (pix / W) % H, wi = pix % W;
       double* xh = xhat.data() + pix * C;
-      for (const auto c : c10::irange(C)) xh[c] = b != nullptr ? b[c] : 0.0;
-      for (const auto kh : c10::irange(k)) {
-        const int64_t ih = h + kh - p;
-        if (ih < 0 || ih >= H) continue;
-        for (const auto kw : c10::irange(k)) {
-          const int64_t iw = wi + kw - p;
-          if (iw < 0 || iw >= W) continue;
-          const double* row = x + ((n * H + ih) * W + iw) * C;
-          for (const auto c : c10::irange(C)) xh[c] += row[c] * w[(c * k + kh) * k + kw];
-        }
-      }
+      dwconv_pixel_fp64(x, w, b, n, h, wi, H, W, C, k, xh);
       double s1 = 0, s2 = 0;
       const double mu = mean[pix], r = rstd[pix];
       for (const auto c : c10::irange(C)) {

@@ -122,22 +122,11 @@ template <typename scalar_t>
 void dwconv_ln_cpu_fp64(const scalar_t* x, const scalar_t* w, const scalar_t* b, const scalar_t* lw,
                         const scalar_t* lb, scalar_t* y, float* mean_out, float* rstd_out,
                         int64_t N, int64_t C, int64_t H, int64_t W, int64_t k, double eps) {
-  const int64_t p = k / 2;
   at::parallel_for(0, N * H * W, 16, [&](int64_t begin, int64_t end) {
     std::vector<double> acc(C);
     for (int64_t pix = begin; pix < end; ++pix) {
       const int64_t n = pix / (H * W), h = (pix / W) % H, wi = pix % W;
-      for (const auto c : c10::irange(C)) acc[c] = b != nullptr ? b[c] : 0.0;
-      for (const auto kh : c10::irange(k)) {
-        const int64_t ih = h + kh - p;
-        if (ih < 0 || ih >= H) continue;
-        for (const auto kw : c10::irange(k)) {
-          const int64_t iw = wi + kw - p;
-          if (iw < 0 || iw >= W) continue;
-          const scalar_t* row = x + ((n * H + ih) * W + iw) * C;
-          for (const auto c : c10::irange(C)) acc[c] += row[c] * w[(c * k + kh) * k + kw];
-        }
-      }
+      dwconv_pixel_fp64(x, w, b, n, h, wi, H, W, C, k, acc.data());
       double mu = 0, sq = 0;
       for (const auto c : c10::irange(C)) mu += acc[c];
       mu /= C;

@@ -248,7 +248,7 @@ void launch(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_t
   auto dz_kernel = dwconv_ln_bwd_dz_kernel<scalar_t, K>;
   // The kernel's static per-pixel statistics (3 x kTileW floats) count against the limits too
   // (C = 1536 is exactly 48 KiB of tile).
-  request_shared_memory(dz_kernel, smem, 3 * kTileW * sizeof(float), "dwconv_ln_bwd", C);
+  request_shared_memory(dz_kernel, smem, kBwdStaticSharedBytes, "dwconv_ln_bwd", C);
   dz_kernel<<<blocks_dz, threads, smem, stream>>>(
       x.data_ptr<scalar_t>(), grad_y.data_ptr<scalar_t>(), w_taps.data_ptr<float>(),
       b.defined() ? b.data_ptr<scalar_t>() : nullptr, lw.data_ptr<scalar_t>(),

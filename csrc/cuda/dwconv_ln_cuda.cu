@@ -123,8 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_cuda(
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(k == 3 || k == 5 || k == 7, op, ": the CUDA kernel supports k in {3, 5, 7}, got ", k);
   TORCH_CHECK(C <= kMaxC, op, ": C = ", C, " exceeds the CUDA kernel's limit of ", kMaxC);
-  TORCH_CHECK(N <= 65535 && H <= 65535, op, ": N = ", N, " and H = ", H,
-              " must be <= 65535 (CUDA grid limits)");
+  TORCH_CHECK(N <= kMaxGridYZ && H <= kMaxGridYZ, op, ": N = ", N, " and H = ", H, " must be <= ",
+              kMaxGridYZ, " (CUDA grid limits)");
   TORCH_CHECK(W * C <= INT32_MAX && H * W <= INT32_MAX && W <= INT32_MAX - kTileW, op,
               ": one image row or plane is too large");
 

@@ -1,5 +1,5 @@
 // Input checks shared by the host functions. Each message names the argument and the expectation,
-// matching the Python-side checks in convnext_fast/ops/_checks.py.
+// matching the Python-side checks in convnext_fast/specs/checks.py.
 #pragma once
 
 #include <torch/types.h>

@@ -8,19 +8,16 @@
 
 #include <cstdint>
 
+#include "dwconv_limits.h"
+
 namespace convnext_fast {
 
-// A block owns kTileW consecutive pixels of one image row.
-constexpr int kTileW = 8;
 constexpr int kMaxThreads = 512;
-// kTileW fp32 rows of C channels in shared memory: 128 KiB at C = 4096 (opted in above the default
-// 48 KiB; see request_shared_memory for the per-GPU limits).
-constexpr int64_t kMaxC = 4096;
 
 // Lets `kernel` take `dynamic_bytes` of dynamic shared memory next to its `static_bytes`: above
 // the 48 KiB default a kernel must opt in, and the opt-in limit is per GPU (sm_80 163 KiB, sm_86/89
 // 99 KiB, sm_90 227 KiB), so a C that does not fit fails here with the numbers, not as "invalid
-// argument" from the runtime. ops/dwconv_ln.py checks the same limit and falls back.
+// argument" from the runtime. backends/_cpp.py checks the same limit and falls back.
 template <typename Kernel>
 inline void request_shared_memory(Kernel kernel, size_t dynamic_bytes, size_t static_bytes,
                                   const char* op, int64_t C) {

@@ -33,6 +33,27 @@ inline int64_t check_dwconv_ln(const at::Tensor& x, const at::Tensor& conv_weigh
   return conv_weight.size(2);
 }
 
+// The conv output of one pixel in fp64 with plain loops (the fp64 paths, kept for gradcheck):
+// out[c] = b[c] + sum over the in-image taps of x[n, h + kh - k/2, wi + kw - k/2, c] * w[c, kh, kw],
+// x NHWC, w [C, k, k], b [C] or null.
+template <typename scalar_t>
+inline void dwconv_pixel_fp64(const scalar_t* x, const scalar_t* w, const scalar_t* b, int64_t n,
+                              int64_t h, int64_t wi, int64_t H, int64_t W, int64_t C, int64_t k,
+                              double* out) {
+  const int64_t p = k / 2;
+  for (int64_t c = 0; c < C; ++c) out[c] = b != nullptr ? b[c] : 0.0;
+  for (int64_t kh = 0; kh < k; ++kh) {
+    const int64_t ih = h + kh - p;
+    if (ih < 0 || ih >= H) continue;
+    for (int64_t kw = 0; kw < k; ++kw) {
+      const int64_t iw = wi + kw - p;
+      if (iw < 0 || iw >= W) continue;
+      const scalar_t* row = x + ((n * H + ih) * W + iw) * C;
+      for (int64_t c = 0; c < C; ++c) out[c] += row[c] * w[(c * k + kh) * k + kw];
+    }
+  }
+}
+
 // y (channels_last, x's dtype) and the per-pixel fp32 mean and rstd [N, H, W].
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_outputs(const at::Tensor& x) {
   auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);

@@ -4,11 +4,17 @@ ThreadScratch). A kernel that read scratch it had not written would see what the
 left there: these run the ops back to back over shapes and dtypes that grow, shrink and change
 element size, on one and two threads, and check every result against the fp64 reference.
 """
+import os
+import sys
+
 import pytest
 import torch
 
 from convnext_fast import _ext, ops, reference
 from convnext_fast.testing import assert_fp32, assert_parity
+
+sys.path.insert(0, os.path.dirname(__file__))  # _kernel_tests.py (importlib import mode adds none)
+from _kernel_tests import as64, dwconv_ln_inputs, inputs, leaves  # noqa: E402
 
 if _ext.load() is None:
     pytest.skip(f"extension not built: {_ext.error()}", allow_module_level=True)
@@ -16,39 +22,25 @@ if _ext.load() is None:
 CL = torch.channels_last
 
 
-def _dwconv_ln_inputs(N, C, H, W, k, dtype):
-    x = torch.randn(N, C, H, W).to(dtype=dtype, memory_format=CL)
-    return [x, (torch.randn(C, 1, k, k) / k).to(dtype), torch.randn(C).to(dtype),
-            (1 + 0.5 * torch.randn(C)).to(dtype), (0.5 * torch.randn(C)).to(dtype)]
-
-
-def _mlp_inputs(N, C, H, W, dtype):
-    D = 4 * C
-    return [torch.randn(N, C, H, W).to(dtype=dtype, memory_format=CL),
-            (torch.randn(D, C) * C ** -0.5).to(dtype), (0.5 * torch.randn(D)).to(dtype),
-            (torch.randn(C, D) * D ** -0.5).to(dtype), (0.5 * torch.randn(C)).to(dtype),
-            torch.randn(C).to(dtype), torch.randn(N, C, H, W).to(dtype=dtype, memory_format=CL)]
-
-
 def _check_dwconv_ln(shape, dtype):
-    args = _dwconv_ln_inputs(*shape, dtype)
+    args = dwconv_ln_inputs(shape, dtype)
     y = ops.dwconv_ln(*args, 1e-6, backend="cpu")
-    ref64 = reference.dwconv_ln(*[a.double() for a in args], 1e-6)
+    ref64 = reference.dwconv_ln(*as64(args), 1e-6)
     assert_parity(y, ref64, reference.dwconv_ln(*args, 1e-6), name=f"dwconv_ln{shape}{dtype}")
     if dtype == torch.float32:  # the backward's windows and rows come from the pool too
-        leaves = [a.detach().requires_grad_() for a in args]
+        live = leaves(args)
         gy = torch.randn(y.shape).contiguous(memory_format=CL)
-        got = torch.autograd.grad(ops.dwconv_ln(*leaves, 1e-6, backend="cpu"), leaves, gy)
-        leaves64 = [a.detach().double().requires_grad_() for a in args]
-        want = torch.autograd.grad(reference.dwconv_ln(*leaves64, 1e-6), leaves64, gy.double())
+        got = torch.autograd.grad(ops.dwconv_ln(*live, 1e-6, backend="cpu"), live, gy)
+        live64 = leaves(as64(args))
+        want = torch.autograd.grad(reference.dwconv_ln(*live64, 1e-6), live64, gy.double())
         for i, (g, w) in enumerate(zip(got, want)):
             assert_fp32(g, w, name=f"dwconv_ln grad {i} {shape}", rtol=1e-5)
 
 
 def _check_mlp(shape, dtype):
-    args = _mlp_inputs(*shape, dtype)
+    args = inputs("mlp", *shape, dtype)
     out = ops.mlp(*args, backend="cpu")
-    ref64 = reference.mlp(*[a.double() for a in args])
+    ref64 = reference.mlp(*as64(args))
     assert_parity(out, ref64, reference.mlp(*args), name=f"mlp{shape}{dtype}")
 
 

@@ -1,15 +1,20 @@
 """dwconv_ln on the extension's kernels (C++ CPU, CUDA) against the fp64 reference.
 
 The same tests run for the ``cpu`` backend everywhere and the ``cuda`` backend where a GPU is
-visible and the extension was built with CUDA (skipped, with the reason, elsewhere).
+visible and the extension was built with CUDA (skipped, with the reason, elsewhere). Gradients of
+the public op on small shapes (autograd through the compiled backward) are test_contract.py's.
 """
 import os
+import sys
 
 import pytest
 import torch
 
 from convnext_fast import _ext, backends, ops, reference
 from convnext_fast.testing import assert_fp32, assert_parity
+
+sys.path.insert(0, os.path.dirname(__file__))  # _kernel_tests.py (importlib import mode adds none)
+from _kernel_tests import as64, dwconv_ln_inputs  # noqa: E402
 
 needs_ext = pytest.mark.skipif(_ext.load() is None, reason=f"extension not built: {_ext.error()}")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
@@ -38,34 +43,21 @@ SHAPES = [
 ]
 
 
-def make_inputs(N, C, H, W, k, dtype, bias=True, device="cpu"):
-    x = torch.randn(N, C, H, W).to(device=device, dtype=dtype, memory_format=torch.channels_last)
-    w = (torch.randn(C, 1, k, k) / k).to(device, dtype)
-    b = torch.randn(C).to(device, dtype) if bias else None
-    lw = (1 + 0.5 * torch.randn(C)).to(device, dtype)
-    lb = (0.5 * torch.randn(C)).to(device, dtype)
-    return x, w, b, lw, lb
-
-
-def to64(t):
-    return None if t is None else t.double()
-
-
 @pytest.mark.parametrize("backend", EXT_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_matches_reference(shape, dtype, backend):
     skip_unsupported(shape, backend)
-    args = make_inputs(*shape, dtype, bias=shape[1] % 2 == 0, device=device_of(backend))
+    args = dwconv_ln_inputs(shape, dtype, bias=shape[1] % 2 == 0, device=device_of(backend))
     y = ops.dwconv_ln(*args, 1e-6, backend=backend)
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-    ref64 = reference.dwconv_ln(*map(to64, args), 1e-6)
+    ref64 = reference.dwconv_ln(*as64(args), 1e-6)
     assert_parity(y, ref64, reference.dwconv_ln(*args, 1e-6), name=f"dwconv_ln{shape}")
 
 
 @pytest.mark.parametrize("backend", EXT_BACKENDS)
 def test_statistics_are_fp32_and_exact(backend):
-    x, w, b, lw, lb = make_inputs(2, 96, 5, 6, 7, torch.bfloat16, device=device_of(backend))
+    x, w, b, lw, lb = dwconv_ln_inputs((2, 96, 5, 6, 7), torch.bfloat16, device=device_of(backend))
     x = x * 1e4  # large magnitude: E[x^2]-E[x]^2 in low precision would lose everything
     _, mean, rstd = torch.ops.convnext_fast.dwconv_ln(x, w, b, lw, lb, 1e-6)
     z = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=3, groups=96)
@@ -77,24 +69,8 @@ def test_statistics_are_fp32_and_exact(backend):
 
 @needs_ext
 def test_fp64_is_exact():
-    args = make_inputs(2, 24, 7, 5, 7, torch.float64)
+    args = dwconv_ln_inputs((2, 24, 7, 5, 7), torch.float64)
     assert_parity(ops.dwconv_ln(*args, backend="cpu"), reference.dwconv_ln(*args))
-
-
-@pytest.mark.parametrize("backend", EXT_BACKENDS)
-@pytest.mark.parametrize("bias", [True, False])
-def test_gradients_match_reference(bias, backend):
-    args = [t.requires_grad_() if t is not None else None
-            for t in make_inputs(2, 20, 6, 7, 5, torch.float32, bias, device_of(backend))]
-    y = ops.dwconv_ln(*args, backend=backend)
-    g = torch.randn_like(y)
-    live = [t for t in args if t is not None]
-    got = torch.autograd.grad(y, live, g)
-    ref_in = [to64(t).detach().requires_grad_() if t is not None else None for t in args]
-    want = torch.autograd.grad(reference.dwconv_ln(*ref_in), [t for t in ref_in if t is not None],
-                               g.double())
-    for name, a, b in zip(("x", "conv_weight", "conv_bias", "ln_weight", "ln_bias"), got, want):
-        assert_parity(a, b, name=f"d{name}", tight=(1e-4, 1e-4))
 
 
 BWD_SHAPES = [(2, 96, 14, 14, 7), (1, 384, 7, 7, 7), (2, 13, 9, 11, 7), (1, 40, 3, 5, 7),
@@ -140,11 +116,11 @@ def autograd_grads(args, grad_y):
 def test_backward_op_matches_reference(shape, dtype, backend):
     skip_unsupported(shape, backend)
     bias = shape[1] % 2 == 0
-    args = make_inputs(*shape, dtype, bias=bias, device=device_of(backend))
+    args = dwconv_ln_inputs(shape, dtype, bias=bias, device=device_of(backend))
     gy = torch.randn(args[0].shape).to(args[0].device, dtype).contiguous(memory_format=torch.channels_last)
     got = run_bwd(args, gy)
     assert got[0].is_contiguous(memory_format=torch.channels_last)
-    want = autograd_grads([to64(t) for t in args], gy.double())
+    want = autograd_grads(as64(args), gy.double())
     lowp = autograd_grads(args, gy)
     for name, g, w, lp in zip(BWD_NAMES, got, want, lowp):
         assert g.dtype == dtype
@@ -163,7 +139,7 @@ def test_backward_op_matches_reference(shape, dtype, backend):
 
 @pytest.mark.parametrize("backend", EXT_BACKENDS)
 def test_backward_is_deterministic(backend):
-    args = make_inputs(2, 72, 11, 9, 7, torch.float32, device=device_of(backend))
+    args = dwconv_ln_inputs((2, 72, 11, 9, 7), torch.float32, device=device_of(backend))
     gy = torch.randn_like(args[0])
     first = run_bwd(args, gy)
     threads = torch.get_num_threads()
@@ -182,7 +158,7 @@ def test_backward_is_deterministic(backend):
 def test_backward_opcheck(dtype, backend):
     dev = device_of(backend)
     for shape, bias in (((2, 12, 5, 4, 3), True), ((1, 8, 3, 3, 7), False)):
-        x, w, b, lw, lb = make_inputs(*shape, dtype, bias=bias, device=dev)
+        x, w, b, lw, lb = dwconv_ln_inputs(shape, dtype, bias=bias, device=dev)
         skip_without_bwd_kernel(x.device)
         _, mean, rstd = torch.ops.convnext_fast.dwconv_ln(x, w, b, lw, lb, 1e-6)
         gy = torch.randn_like(x)
@@ -203,7 +179,7 @@ def test_autograd_runs_the_compiled_backward(backend):
             self.ops.add(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    args = [t.requires_grad_() for t in make_inputs(1, 16, 4, 4, 3, torch.float32,
+    args = [t.requires_grad_() for t in dwconv_ln_inputs((1, 16, 4, 4, 3), torch.float32,
                                                     device=device_of(backend))]
     skip_without_bwd_kernel(args[0].device)
     y = ops.dwconv_ln(*args, backend=backend)
@@ -215,7 +191,7 @@ def test_autograd_runs_the_compiled_backward(backend):
 
 @needs_ext
 def test_backward_op_rejects_bad_input():
-    x, w, b, lw, lb = make_inputs(1, 8, 4, 4, 3, torch.float32)
+    x, w, b, lw, lb = dwconv_ln_inputs((1, 8, 4, 4, 3), torch.float32)
     _, mean, rstd = torch.ops.convnext_fast.dwconv_ln(x, w, b, lw, lb, 1e-6)
     gy = torch.randn_like(x)
     bwd = torch.ops.convnext_fast.dwconv_ln_bwd
@@ -233,11 +209,11 @@ def test_backward_op_rejects_bad_input():
 
 @needs_ext
 def test_gradcheck_fp64():
-    args = [t.requires_grad_() for t in make_inputs(1, 5, 4, 3, 3, torch.float64)]
+    args = [t.requires_grad_() for t in dwconv_ln_inputs((1, 5, 4, 3, 3), torch.float64)]
     assert torch.autograd.gradcheck(lambda *a: ops.dwconv_ln(*a, backend="cpu"), args)
     # no conv bias, H and W smaller than k
     x, w, _, lw, lb = [t.requires_grad_() if t is not None else None
-                       for t in make_inputs(2, 3, 2, 3, 5, torch.float64, bias=False)]
+                       for t in dwconv_ln_inputs((2, 3, 2, 3, 5), torch.float64, bias=False)]
     assert torch.autograd.gradcheck(lambda *a: ops.dwconv_ln(a[0], a[1], None, *a[2:], backend="cpu"),
                                     (x, w, lw, lb))
 
@@ -245,15 +221,15 @@ def test_gradcheck_fp64():
 @pytest.mark.parametrize("backend", EXT_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype, backend):
-    args = make_inputs(2, 12, 5, 4, 3, dtype, device=device_of(backend))
+    args = dwconv_ln_inputs((2, 12, 5, 4, 3), dtype, device=device_of(backend))
     torch.library.opcheck(torch.ops.convnext_fast.dwconv_ln.default, (*args, 1e-6))
-    args = make_inputs(1, 8, 3, 3, 3, dtype, bias=False, device=device_of(backend))
+    args = dwconv_ln_inputs((1, 8, 3, 3, 3), dtype, bias=False, device=device_of(backend))
     torch.library.opcheck(torch.ops.convnext_fast.dwconv_ln.default, (*args, 1e-5))
 
 
 @needs_ext
 def test_automatic_selection_prefers_the_cpu_kernel():
-    y = ops.dwconv_ln(*make_inputs(1, 8, 3, 3, 3, torch.float32))
+    y = ops.dwconv_ln(*dwconv_ln_inputs((1, 8, 3, 3, 3), torch.float32))
     assert backends.last_selections()["dwconv_ln"][0] == "cpu"
     assert y.shape == (1, 8, 3, 3)
 
@@ -261,7 +237,7 @@ def test_automatic_selection_prefers_the_cpu_kernel():
 @pytest.mark.parametrize("backend", ["torch", *EXT_BACKENDS])
 def test_layouts_and_edge_shapes(backend):
     dev = device_of(backend)
-    x, w, b, lw, lb = make_inputs(2, 16, 9, 8, 7, torch.float32, device=dev)
+    x, w, b, lw, lb = dwconv_ln_inputs((2, 16, 9, 8, 7), torch.float32, device=dev)
     want = reference.dwconv_ln(x, w, b, lw, lb)
     # NCHW-contiguous input: converted to channels-last once, same values.
     assert_parity(ops.dwconv_ln(x.contiguous(), w, b, lw, lb, backend=backend), want.double())
@@ -278,7 +254,7 @@ def test_layouts_and_edge_shapes(backend):
 @needs_ext
 def test_cpp_op_rejects_bad_input_itself():
     """The compiled op checks its own inputs too (it can be called without the Python wrapper)."""
-    x, w, b, lw, lb = make_inputs(1, 8, 4, 4, 3, torch.float32)
+    x, w, b, lw, lb = dwconv_ln_inputs((1, 8, 4, 4, 3), torch.float32)
     with pytest.raises(RuntimeError, match="x must be channels_last-contiguous"):
         torch.ops.convnext_fast.dwconv_ln(x.contiguous(), w, b, lw, lb, 1e-6)
     with pytest.raises(RuntimeError, match=r"conv_weight must have shape \[C, 1, k, k\]"):

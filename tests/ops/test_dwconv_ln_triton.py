@@ -1,33 +1,26 @@
-"""dwconv_ln on the Triton kernels (kernels/dwconv_ln.py) against the fp64 reference.
+"""dwconv_ln on the Triton kernels (convnext_fast/kernels/dwconv_ln.py) against the fp64 reference.
 
-Without a CUDA device the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set here
-before triton is imported) at small shapes; with one, the same tests run the compiled kernels.
-Every buffer the launchers allocate is NaN-poisoned (and y also through ``out=``), so an element a
-kernel does not write fails parity.
+Without a CUDA device the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before triton is imported) at small shapes; with one, the same tests run the
+compiled kernels. Every buffer the launchers allocate is NaN-poisoned (and y also through
+``out=``), so an element a kernel does not write fails parity. Plain parity and opcheck of the
+backend's ops on small shapes are tests/ops/test_contract.py's.
 """
 import os
+import sys
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(__file__))  # _kernel_tests.py (importlib import mode adds none)
+from _kernel_tests import (DEVICE, check_common_refusals, dwconv_ln_inputs,  # noqa: E402
+                          skip_module_unless_triton, supports)
 
-import pytest  # noqa: E402
+skip_module_unless_triton("dwconv_ln")
 
-pytest.importorskip("triton")
-
-from convnext_fast import backends, ops, reference  # noqa: E402
-from convnext_fast.ops import _triton_dwconv_ln as T  # noqa: E402
+from convnext_fast import ops, reference  # noqa: E402
+from convnext_fast.kernels import dwconv_ln as K  # noqa: E402
 from convnext_fast.testing import assert_parity  # noqa: E402
-
-if T.available() is not None:
-    pytest.skip(f"triton backend unavailable: {T.available()}", allow_module_level=True)
-
-K = T._kernels()  # convnext_fast.kernels.dwconv_ln
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and (not K.INTERPRET or K.INTERPRETER_PROBLEM is not None):
-    pytest.skip("no CUDA device, and triton was imported before TRITON_INTERPRET=1 was set (set it "
-                "in tests/conftest.py, or run this file on its own)", allow_module_level=True)
 
 EPS = 1e-6
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
@@ -68,20 +61,13 @@ def _id(case):
 def _poison_and_no_autotune(monkeypatch):
     """NaN-poison every launcher allocation; use the heuristic config (one autotune test below),
     so a GPU run does not autotune every shape."""
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(K, "_empty", nan_empty)
+    monkeypatch.setenv("CONVNEXT_FAST_POISON_OUTPUTS", "1")
     monkeypatch.setattr(K, "AUTOTUNE", False)
 
 
-def make_inputs(N, C, H, W, k, bias, dtype, device=DEVICE):
-    x = torch.randn(N, C, H, W).to(device=device, dtype=dtype, memory_format=torch.channels_last)
-    w = (torch.randn(C, 1, k, k) / k).to(device=device, dtype=dtype)
-    b = (0.5 * torch.randn(C)).to(device=device, dtype=dtype) if bias else None
-    lw = (1 + 0.5 * torch.randn(C)).to(device=device, dtype=dtype)
-    lb = (0.5 * torch.randn(C)).to(device=device, dtype=dtype)
-    return x, w, b, lw, lb
+def case_inputs(case):
+    *shape, bias, dtype = case
+    return dwconv_ln_inputs(shape, dtype, bias, DEVICE)
 
 
 def to64(t):
@@ -128,7 +114,7 @@ def scaled_tight(ref):
 
 def test_reference_anchor():
     """The test-local fp64 reference equals convnext_fast.reference (forward and backward)."""
-    x, w, b, lw, lb = (to64(t) for t in make_inputs(2, 24, 5, 6, 5, True, f32))
+    x, w, b, lw, lb = (to64(t) for t in case_inputs((2, 24, 5, 6, 5, True, f32)))
     y, _ = dwconv_ln64(x, w, b, lw, lb)
     torch.testing.assert_close(y, reference.dwconv_ln(x, w, b, lw, lb, EPS), atol=1e-12, rtol=1e-12)
     gy = torch.randn_like(x)
@@ -141,7 +127,7 @@ def test_reference_anchor():
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_forward(case):
     N, C, H, W, k, bias, dtype = case
-    x, w, b, lw, lb = make_inputs(*case)
+    x, w, b, lw, lb = case_inputs(case)
     out = torch.full_like(x, float("nan"), memory_format=torch.channels_last)
     y, mean, rstd = K.dwconv_ln_fwd(x, w, b, lw, lb, EPS, out=out)
     assert y.data_ptr() == out.data_ptr()
@@ -170,7 +156,7 @@ NAMES = ("dx", "dconv_w", "dconv_b", "dln_w", "dln_b")
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_backward(case):
     N, C, H, W, k, bias, dtype = case
-    x, w, b, lw, lb = make_inputs(*case)
+    x, w, b, lw, lb = case_inputs(case)
     gy = torch.randn(N, C, H, W).to(device=DEVICE, dtype=dtype, memory_format=torch.channels_last)
     mu64, rstd64 = ref_stats(x, w, b)
     mean, rstd = mu64.float().to(DEVICE), rstd64.float().to(DEVICE)
@@ -194,20 +180,20 @@ def test_autograd_through_op(case):
     fp64 autograd; x is NCHW-contiguous and grad_y arrives as an expanded, not channels_last,
     tensor."""
     N, C, H, W, k, bias, dtype = case
-    inputs = make_inputs(*case)
-    leaves = [t.contiguous().requires_grad_() if t is not None else None for t in inputs]
+    args = case_inputs(case)
+    leaves = [t.contiguous().requires_grad_() if t is not None else None for t in args]
     y = ops.dwconv_ln(*leaves, EPS, backend="triton")
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
     lin = torch.linspace(-1, 1, W, device=DEVICE)
     g = iter(torch.autograd.grad((y.float() * lin).sum(), [t for t in leaves if t is not None]))
     got = [next(g) if t is not None else None for t in leaves]
     gy = lin.to(dtype).expand(N, C, H, W)  # the grad_y the op received
-    y64, _ = dwconv_ln64(*(to64(t) for t in inputs))
-    ref = grads64(*inputs, gy)
-    mu64, rstd64 = ref_stats(*inputs[:3])
+    y64, _ = dwconv_ln64(*(to64(t) for t in args))
+    ref = grads64(*args, gy)
+    mu64, rstd64 = ref_stats(*args[:3])
     lowp = ([None] * 5 if dtype == f32 else
-            _lowp_grads(*inputs[:4], gy, mu64.float().to(DEVICE), rstd64.float().to(DEVICE)))
-    ylowp = None if dtype == f32 else reference.dwconv_ln(*inputs, EPS).cpu()
+            _lowp_grads(*args[:4], gy, mu64.float().to(DEVICE), rstd64.float().to(DEVICE)))
+    ylowp = None if dtype == f32 else reference.dwconv_ln(*args, EPS).cpu()
     assert_parity(y.detach().cpu(), y64, ylowp, name="y")
     for name, g, r, lo in zip(NAMES, got, ref, lowp):
         if r is None:
@@ -221,7 +207,7 @@ def test_backward_is_deterministic():
     """Weight gradients come from per-program partials reduced by torch.sum: no atomics, so two
     runs are bit-identical (several pixel groups and, for C > 512, channel chunks)."""
     case = (2, 136, 14, 14, 3, True, f32)
-    x, w, b, lw, lb = make_inputs(*case)
+    x, w, b, lw, lb = case_inputs(case)
     gy = torch.randn_like(x)
     mu64, rstd64 = ref_stats(x, w, b)
     mean, rstd = mu64.float().to(DEVICE), rstd64.float().to(DEVICE)
@@ -231,37 +217,34 @@ def test_backward_is_deterministic():
         assert torch.equal(u, v), f"{name} differs between two identical backward runs"
 
 
-# Under the interpreter a triton_op runs eagerly, but AOT dispatch (functionalisation, as in
-# torch.compile) hands FunctionalTensors to the interpreter, which cannot run on them (DESIGN.md
-# section 6): test_aot_dispatch_dynamic runs only on a GPU.
-_OPCHECK_UTILS = (None if DEVICE == "cuda"
-                  else ("test_schema", "test_autograd_registration", "test_faketensor"))
+# test_contract.py opchecks the backend's ops, but under the interpreter without test_faketensor:
+# fake tensors reach the interpreted mlp kernels, which cannot run on them. dwconv_ln's launchers
+# take them, so that check stays here. On a GPU test_contract.py runs every check.
+_ON_CPU_ONLY = pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU test_contract.py runs it")
 
 
+@_ON_CPU_ONLY
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck_forward(bias):
-    args = make_inputs(1, 40, 5, 6, 3, bias, f32)
+    args = dwconv_ln_inputs((1, 40, 5, 6, 3), f32, bias, DEVICE)
     torch.library.opcheck(torch.ops.convnext_fast.dwconv_ln_triton.default, (*args, EPS),
-                          test_utils=_OPCHECK_UTILS or torch.library._OPCHECK_DEFAULT_UTILS)
+                          test_utils=("test_faketensor",))
 
 
+@_ON_CPU_ONLY
 def test_opcheck_backward():
-    x, w, b, lw, lb = make_inputs(1, 40, 5, 6, 3, True, f32)
+    x, w, b, lw, lb = dwconv_ln_inputs((1, 40, 5, 6, 3), f32, device=DEVICE)
     mu64, rstd64 = ref_stats(x, w, b)
     args = (torch.randn_like(x), x, w, b, lw, mu64.float().to(DEVICE), rstd64.float().to(DEVICE))
     torch.library.opcheck(torch.ops.convnext_fast.dwconv_ln_triton_bwd.default, args,
-                          test_utils=_OPCHECK_UTILS or torch.library._OPCHECK_DEFAULT_UTILS)
+                          test_utils=("test_faketensor",))
 
 
 def test_backend_supports():
-    x, w, b, lw, lb = make_inputs(1, 40, 3, 3, 3, True, f32)
-    assert backends.available("dwconv_ln", "triton") is None
-    assert T.supports(x, w, b, lw, lb, EPS) is None
-    assert "dtype" in T.supports(x.double(), w.double(), None, lw.double(), lb.double(), EPS)
+    args = [*dwconv_ln_inputs((1, 40, 3, 3, 3), f32, device=DEVICE), EPS]
+    check_common_refusals("dwconv_ln", args)
     big = torch.zeros(40, 1, K.MAX_K + 2, K.MAX_K + 2, device=DEVICE)
-    assert "odd kernel" in T.supports(x, big, b, lw, lb, EPS)
-    if DEVICE == "cuda":  # CPU tensors without the interpreter
-        assert "CUDA" in T.supports(x.cpu(), w.cpu(), b.cpu(), lw.cpu(), lb.cpu(), EPS)
+    assert "odd kernel" in supports("dwconv_ln", args[0], big, *args[2:])
 
 
 @pytest.mark.gpu
@@ -269,7 +252,7 @@ def test_backend_supports():
 def test_autotuned_configs(monkeypatch):
     monkeypatch.setattr(K, "AUTOTUNE", K._fwd_tuned is not None)
     case = (2, 384, 14, 14, 7, True, bf16)
-    x, w, b, lw, lb = make_inputs(*case)
+    x, w, b, lw, lb = case_inputs(case)
     y, mean, rstd = K.dwconv_ln_fwd(x, w, b, lw, lb, EPS)
     ref64, _ = dwconv_ln64(*(to64(t) for t in (x, w, b, lw, lb)))
     assert_parity(y.cpu(), ref64, reference.dwconv_ln(x, w, b, lw, lb, EPS).cpu())
@@ -289,7 +272,7 @@ def test_int64_offsets():
     """N*H*W*C > 2**31: offsets past 2**31 elements (checked on the last image rows: a crop with
     a halo reproduces them exactly)."""
     N, C, H, W, k = 1, 128, 4100, 4100, 7
-    x, w, b, lw, lb = make_inputs(N, C, H, W, k, True, bf16)
+    x, w, b, lw, lb = case_inputs((N, C, H, W, k, True, bf16))
     assert x.numel() > 2 ** 31
     y, mean, rstd = K.dwconv_ln_fwd(x, w, b, lw, lb, EPS)
     gy = torch.randn_like(x)

@@ -4,11 +4,17 @@ reference, forward and backward; opcheck, gradcheck, determinism, and a compiled
 Cases cover odd C (not a multiple of the vector width), N = 1, H*W = 1, gamma / biases / residual
 None, and M = N*H*W above the tile size (several tiles, in parallel, and several backward chunks).
 """
+import os
+import sys
+
 import pytest
 import torch
 
 from convnext_fast import _ext, backends, ops, reference
 from convnext_fast.testing import assert_fp32, assert_parity
+
+sys.path.insert(0, os.path.dirname(__file__))  # _kernel_tests.py (importlib import mode adds none)
+from _kernel_tests import as64, grads, inputs  # noqa: E402
 
 if _ext.load() is None:
     pytest.skip(f"extension not built: {_ext.error()}", allow_module_level=True)
@@ -19,37 +25,13 @@ CL = torch.channels_last
 NAMES = ("dy", "d_fc1_weight", "d_fc1_bias", "d_fc2_weight", "d_fc2_bias", "d_gamma", "d_residual")
 
 
-def make_inputs(N, C, H, W, dtype, bias=True, gamma=True, residual=True):
-    D = 4 * C
-
-    def t(*shape, scale=1.0):
-        return (scale * torch.randn(*shape)).to(dtype)
-
-    y = t(N, C, H, W).contiguous(memory_format=CL)
-    w1 = t(D, C, scale=C ** -0.5)
-    b1 = t(D, scale=0.5) if bias else None
-    w2 = t(C, D, scale=D ** -0.5)
-    b2 = t(C, scale=0.5) if bias else None
-    g = t(C) if gamma else None
-    r = t(N, C, H, W).contiguous(memory_format=CL) if residual else None
-    return [y, w1, b1, w2, b2, g, r]
-
-
-def to64(t):
-    return None if t is None else t.detach().double()
-
-
-def grads(fn, args, grad_out):
-    """Gradients of fn(*args) for every tensor argument (None where the argument is None)."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in args]
-    out = fn(*leaves)
-    live = [t for t in leaves if t is not None]
-    got = iter(torch.autograd.grad(out, live, grad_out))
-    return out, [next(got) if t is not None else None for t in leaves]
-
-
 def cpu_mlp(*args):
     return ops.mlp(*args, backend="cpu")
+
+
+def case_inputs(case, dtype):
+    N, C, H, W, bias, gamma, residual = case
+    return inputs("mlp", N, C, H, W, dtype, bias=bias, gamma=gamma, residual=residual)
 
 
 # (N, C, H, W, bias, gamma, residual)
@@ -69,11 +51,11 @@ def _id(c):
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_fp32_matches_reference(case):
-    args = make_inputs(*case[:4], torch.float32, *case[4:])
+    args = case_inputs(case, torch.float32)
     gout = torch.randn(args[0].shape).contiguous(memory_format=CL)
     out, got = grads(cpu_mlp, args, gout)
     assert out.is_contiguous(memory_format=CL)
-    ref, want = grads(reference.mlp, [to64(t) for t in args], gout.double())
+    ref, want = grads(reference.mlp, as64(args), gout.double())
     assert_fp32(out, ref, name=f"out{case}", rtol=2e-6)
     for name, g, w in zip(NAMES, got, want):
         assert (g is None) == (w is None), name
@@ -85,11 +67,11 @@ def test_fp32_matches_reference(case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES[:3] + CASES[4:5], ids=_id)
 def test_low_precision_within_2x_pytorch(case, dtype):
-    args = make_inputs(*case[:4], dtype, *case[4:])
+    args = case_inputs(case, dtype)
     gout = torch.randn(args[0].shape).to(dtype).contiguous(memory_format=CL)
     out, got = grads(cpu_mlp, args, gout)
     assert out.dtype == dtype
-    ref, want = grads(reference.mlp, [to64(t) for t in args], gout.double())
+    ref, want = grads(reference.mlp, as64(args), gout.double())
     lowp, lowp_grads = grads(reference.mlp, args, gout)
     assert_parity(out, ref, lowp, name=f"out{case}")
     for name, g, w, lp in zip(NAMES, got, want, lowp_grads):
@@ -118,8 +100,8 @@ def test_storage_dtype_gemms(case, dtype, monkeypatch):
     """Where oneDNN has native bf16/fp16 (AMX, AVX512-BF16/FP16) the forward runs its GEMMs in the
     storage dtype; CONVNEXT_FAST_CPU_GEMM=native takes that path on any CPU. It must meet the parity
     rule and be that arithmetic (to within one rounding of the GELU), not the fp32-compute path."""
-    args = make_inputs(*case[:4], dtype, *case[4:])
-    ref = reference.mlp(*[to64(t) for t in args])
+    args = case_inputs(case, dtype)
+    ref = reference.mlp(*as64(args))
     lowp = reference.mlp(*args)
     out = {}
     for mode in ("native", "fp32"):
@@ -130,13 +112,18 @@ def test_storage_dtype_gemms(case, dtype, monkeypatch):
     emulated = _storage_dtype_gemms(*args)
     ulp = torch.finfo(dtype).eps * emulated.double().abs().max().item()
     err_native = (out["native"].double() - emulated.double()).abs().max().item()
-    err_fp32 = (out["fp32"].double() - emulated.double()).abs().max().item()
     assert err_native <= ulp, f"native path {err_native:.3g} from the storage-dtype GEMMs (1 ulp {ulp:.3g})"
-    assert err_native < err_fp32, "CONVNEXT_FAST_CPU_GEMM=native did not change the GEMMs' dtype"
+    # Counted, not the largest difference: both paths can be one rounding off at the largest
+    # output, but the fp32-compute path differs from the storage-dtype GEMMs in about a third of
+    # the elements, the native path (its GELU roundings) in under 1% of them here.
+    off = {mode: (o != emulated).sum().item() for mode, o in out.items()}
+    assert off["native"] < off["fp32"], (
+        f"CONVNEXT_FAST_CPU_GEMM=native did not change the GEMMs' dtype ({off['native']} elements "
+        f"off the storage-dtype GEMMs, {off['fp32']} with fp32 compute)")
 
 
 def test_cpu_gemm_setting_rejects_unknown_values(monkeypatch):
-    args = make_inputs(1, 8, 2, 2, torch.bfloat16)
+    args = inputs("mlp", 1, 8, 2, 2, torch.bfloat16)
     monkeypatch.setenv("CONVNEXT_FAST_CPU_GEMM", "amx")
     with pytest.raises(RuntimeError, match="CONVNEXT_FAST_CPU_GEMM must be 'auto', 'native' or 'fp32'"):
         cpu_mlp(*args)
@@ -145,10 +132,10 @@ def test_cpu_gemm_setting_rejects_unknown_values(monkeypatch):
 
 
 def test_fp64_gradcheck():
-    args = make_inputs(2, 5, 2, 3, torch.float64)
+    args = inputs("mlp", 2, 5, 2, 3, torch.float64)
     leaves = [t.requires_grad_() for t in args]
     assert torch.autograd.gradcheck(cpu_mlp, leaves)
-    y, w1, _, w2, _, _, _ = make_inputs(1, 3, 2, 2, torch.float64)
+    y, w1, _, w2, _, _, _ = inputs("mlp", 1, 3, 2, 2, torch.float64)
     assert torch.autograd.gradcheck(lambda y, w1, w2: cpu_mlp(y, w1, None, w2, None, None, None),
                                     [y.requires_grad_(), w1.requires_grad_(), w2.requires_grad_()])
 
@@ -186,7 +173,7 @@ def test_gelu_over_its_whole_range():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     for case in ((2, 12, 3, 4, True, True, True), (1, 7, 2, 2, False, False, False)):
-        args = make_inputs(*case[:4], dtype, *case[4:])
+        args = case_inputs(case, dtype)
         torch.library.opcheck(torch.ops.convnext_fast.mlp.default, tuple(args))
         gout = torch.randn(args[0].shape).to(dtype).contiguous(memory_format=CL)
         torch.library.opcheck(torch.ops.convnext_fast.mlp_bwd.default, (gout, *args[:6]))
@@ -196,14 +183,14 @@ def test_opcheck(dtype):
 @pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
 def test_under_inference_mode_and_no_grad(shape, mode):
     """The kernel's worker threads run ATen GEMMs: they must inherit the caller's modes."""
-    args = make_inputs(*shape, torch.float32)
+    args = inputs("mlp", *shape, torch.float32)
     with getattr(torch, mode)():
         out = ops.mlp(*args, backend="cpu")
-    assert_fp32(out, reference.mlp(*map(to64, args)), rtol=2e-6)
+    assert_fp32(out, reference.mlp(*as64(args)), rtol=2e-6)
 
 
 def test_deterministic():
-    args = make_inputs(2, 24, 17, 16, torch.float32)  # several tiles and backward chunks
+    args = inputs("mlp", 2, 24, 17, 16, torch.float32)  # several tiles and backward chunks
     gout = torch.randn(args[0].shape).contiguous(memory_format=CL)
     bwd = torch.ops.convnext_fast.mlp_bwd
     first = [torch.ops.convnext_fast.mlp(*args), *bwd(gout, *args[:6])]
@@ -222,7 +209,7 @@ def test_deterministic():
 
 def test_outputs_of_absent_arguments_are_still_gradients():
     """mlp_bwd always returns d_fc1_bias, d_fc2_bias and d_gamma (as for zero biases, gamma = 1)."""
-    y, w1, _, w2, _, _, _ = make_inputs(1, 8, 3, 3, torch.float64)
+    y, w1, _, w2, _, _, _ = inputs("mlp", 1, 8, 3, 3, torch.float64)
     gout = torch.randn(y.shape, dtype=torch.float64).contiguous(memory_format=CL)
     got = torch.ops.convnext_fast.mlp_bwd(gout, y, w1, None, w2, None, None)
     zb1, zb2, one = (torch.zeros(32, dtype=torch.float64), torch.zeros(8, dtype=torch.float64),
@@ -233,7 +220,7 @@ def test_outputs_of_absent_arguments_are_still_gradients():
 
 
 def test_empty_batch():
-    args = make_inputs(0, 8, 3, 3, torch.float32)
+    args = inputs("mlp", 0, 8, 3, 3, torch.float32)
     out = ops.mlp(*args, backend="cpu")
     assert out.shape == (0, 8, 3, 3)
     gout = torch.randn(args[0].shape).contiguous(memory_format=CL)
@@ -242,7 +229,7 @@ def test_empty_batch():
 
 
 def test_cpp_op_rejects_bad_input_itself():
-    y, w1, b1, w2, b2, g, r = make_inputs(1, 8, 3, 3, torch.float32)
+    y, w1, b1, w2, b2, g, r = inputs("mlp", 1, 8, 3, 3, torch.float32)
     op = torch.ops.convnext_fast.mlp
     with pytest.raises(RuntimeError, match="y must be channels_last-contiguous"):
         op(y.contiguous(), w1, b1, w2, b2, g, r)
@@ -257,7 +244,7 @@ def test_cpp_op_rejects_bad_input_itself():
 
 
 def test_backend_reasons():
-    y, w1, b1, w2, b2, g, r = make_inputs(1, 8, 2, 2, torch.float32)
+    y, w1, b1, w2, b2, g, r = inputs("mlp", 1, 8, 2, 2, torch.float32)
     with pytest.raises(backends.BackendError, match="CPU tensors, got meta"):
         ops.mlp(*[t.to("meta") for t in (y, w1, b1, w2, b2, g, r)], backend="cpu")
 

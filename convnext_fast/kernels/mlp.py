@@ -47,8 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm_utils import (TunedKernel, dot_precision, dot_upcast, fit_block, gelu, gelu_grad,
-                          interpreting, linear_fwd, mma, next_pow2, row_tile_configs)
+from . import runtime
+from .gemm import gelu, gelu_grad, linear_fwd, mlp_bwd_tiles, mma, row_tile_configs
+from .runtime import TunedKernel, dot_precision, dot_upcast, fit_block, next_pow2
 
 __all__ = ["mlp_fwd", "mlp_bwd", "FUSED_MAX_BLOCK_C", "FUSED_MAX_BLOCK_C_FMA", "BWD_BLOCK_M"]
 
@@ -68,7 +69,7 @@ BWD_BLOCK_M = 64
 
 def _bwd_block_m(M: int) -> int:
     # the interpreter pays for padded rows: small problems get small tiles there
-    return fit_block(M, (64, 32, 16)) if interpreting() else BWD_BLOCK_M
+    return fit_block(M, (64, 32, 16)) if runtime.INTERPRET else BWD_BLOCK_M
 
 
 _CL = torch.channels_last
@@ -94,6 +95,14 @@ def out2d(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if not out.is_contiguous(memory_format=_CL):
         raise ValueError("out must be channels-last contiguous")
     return rows2d(out)  # a view: channels-last contiguous => unit column stride, no copy
+
+
+def fwd_rows(y: torch.Tensor, residual: Optional[torch.Tensor], out: Optional[torch.Tensor]):
+    """A forward launcher's tensors as the [M, C] matrices its kernels index: (out, out rows,
+    y rows, residual rows or None), ``out`` allocated channels-last when None."""
+    if out is None:
+        out = torch.empty_like(y, memory_format=_CL)
+    return out, out2d(out, y), rows2d(y), None if residual is None else rows2d(residual)
 
 
 def nhwc_view(t2d: torch.Tensor, N: int, H: int, W: int) -> torch.Tensor:
@@ -211,13 +220,9 @@ def mlp_fwd(y: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.
     N, C, H, W = y.shape
     D = fc1_weight.shape[0]
     M = N * H * W
-    if out is None:
-        out = torch.empty_like(y, memory_format=_CL)
-    o2 = out2d(out, y)
+    out, o2, y2, r2 = fwd_rows(y, residual, out)
     if M == 0:
         return out
-    y2 = rows2d(y)
-    r2 = None if residual is None else rows2d(residual)
     w1, w2 = fc1_weight.contiguous(), fc2_weight.contiguous()
     block_c = max(16, next_pow2(C))
     precision = dot_precision(y.dtype, y.device)
@@ -263,27 +268,10 @@ def _mlp_bwd_recompute_kernel(
     rows64 = rows.to(tl.int64)
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dd < D
-    dd64 = dd.to(tl.int64)
-
-    pre = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dh = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        kmask = kk < C
-        amask = rmask[:, None] & kmask[None, :]
-        wmask = kmask[:, None] & dmask[None, :]
-        y = tl.load(Y + rows64[:, None] * stride_ym + kk[None, :], mask=amask, other=0.0)
-        g = tl.load(G + rows64[:, None] * stride_gm + kk[None, :], mask=amask, other=0.0)
-        # column sums of g for db2 / dgamma, one partial per row tile (stored by the pid_d == 0
-        # programs; a masked store rather than a branch keeps the K loop pipelineable)
-        tl.store(SGP + pid_m * C + kk, tl.sum(g.to(tl.float32), axis=0), mask=kmask & (pid_d == 0))
-        if HAS_GAMMA:
-            gm = tl.load(GAMMA + kk, mask=kmask, other=0.0).to(tl.float32)
-            g = (g.to(tl.float32) * gm[None, :]).to(Y.dtype.element_ty)
-        w1t = tl.load(W1 + dd64[None, :] * C + kk[:, None], mask=wmask, other=0.0)  # [K, D]
-        w2 = tl.load(W2 + kk[:, None].to(tl.int64) * D + dd[None, :], mask=wmask, other=0.0)
-        pre = mma(y, w1t, pre, PRECISION, UPCAST)
-        dh = mma(g, w2, dh, PRECISION, UPCAST)
+    # column sums of g for db2 / dgamma: one partial per row tile, from the programs of chunk 0
+    pre, dh = mlp_bwd_tiles(Y, G, W1, W2, GAMMA, SGP + pid_m * C, rows64, rmask, dd, dmask, C, D,
+                            stride_ym, stride_gm, pid_d == 0, HAS_GAMMA, PRECISION, UPCAST,
+                            BLOCK_M, BLOCK_D, BLOCK_K)
 
     if HAS_B1:
         pre += tl.load(B1 + dd, mask=dmask, other=0.0).to(tl.float32)[None, :]
@@ -377,7 +365,7 @@ def mlp_bwd(grad_out: torch.Tensor, y: torch.Tensor, fc1_weight: torch.Tensor,
         dw2 = torch.empty((C, D), device=dev, dtype=dt)
         dgamma = torch.empty((C,), device=dev, dtype=dt)
         db2 = torch.empty((C,), device=dev, dtype=dt)
-        block_c = 64 if interpreting() else 32
+        block_c = 64 if runtime.INTERPRET else 32
         torch.library.wrap_triton(_mlp_bwd_wgrad_kernel)[(triton.cdiv(C, block_c),)](
             gm, w2, gamma, gamma if fc2_bias is None else fc2_bias, sg, dw2, dgamma, db2, C, D,
             HAS_B2=fc2_bias is not None, BLOCK_C=block_c, BLOCK_D=128)

@@ -1,4 +1,5 @@
-"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+"""Argument checks of the ops (part of each op's spec): each error names the argument and what was
+expected. They take the op's arguments by name."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -55,7 +56,7 @@ def check_input(op: str, name: str, x) -> None:
         raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
-def check_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias) -> None:
+def check_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps) -> None:
     # The ops check on every call and, between cache-evicting kernels, Python costs about 3x its
     # cost in a tight loop: valid arguments take the one-expression path, anything else the
     # checks below that name what is wrong.
@@ -78,14 +79,15 @@ def check_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias) -> None:
     check_tensor(op, "ln_bias", ln_bias, (C,), x)
 
 
-def check_mlp(op: str, y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual) -> None:
+def _check_mlp_common(op: str, y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual) -> bool:
+    """Checks of the arguments ``mlp`` and ``mlp_grn`` share; True when all are valid at once."""
     if _is_input(y) and isinstance(fc1_weight, torch.Tensor) and fc1_weight.dim() == 2:
         dt, dev, C, D = y.dtype, y.device, y.shape[1], fc1_weight.shape[0]
         if (_fits(fc1_weight, (D, C), dt, dev) and _fits(fc2_weight, (C, D), dt, dev)
                 and (fc1_bias is None or _fits(fc1_bias, (D,), dt, dev))
                 and (fc2_bias is None or _fits(fc2_bias, (C,), dt, dev))
                 and (residual is None or _fits(residual, y.shape, dt, dev))):
-            return
+            return True
     check_input(op, "y", y)
     C = y.shape[1]
     check_tensor(op, "fc1_weight", fc1_weight, (None, C), y)
@@ -94,15 +96,17 @@ def check_mlp(op: str, y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual) 
     check_tensor(op, "fc2_weight", fc2_weight, (C, D), y)
     check_tensor(op, "fc2_bias", fc2_bias, (C,), y, optional=True)
     check_tensor(op, "residual", residual, tuple(y.shape), y, optional=True)
+    return False
 
 
-def device_type(t) -> str:
-    """The device type of ``t``, or "" for a non-tensor (the checks then say what is wrong)."""
-    return t.device.type if isinstance(t, torch.Tensor) else ""
+def check_mlp(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual) -> None:
+    _check_mlp_common("mlp", y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
+    check_tensor("mlp", "gamma", gamma, (y.shape[1],), y, optional=True)
 
 
-def channels_last(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """NHWC memory for a 4-D tensor; a no-op (no copy) when it already is."""
-    if t is None:
-        return None
-    return t.contiguous(memory_format=torch.channels_last)
+def check_mlp_grn(y, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, fc2_bias, residual,
+                  eps) -> None:
+    _check_mlp_common("mlp_grn", y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
+    D = fc1_weight.shape[0]
+    check_tensor("mlp_grn", "grn_weight", grn_weight, (D,), y)
+    check_tensor("mlp_grn", "grn_bias", grn_bias, (D,), y)

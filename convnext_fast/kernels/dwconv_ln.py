@@ -51,10 +51,11 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
-__all__ = ["dwconv_ln_fwd", "dwconv_ln_bwd", "MAX_K", "INTERPRET", "INTERPRETER_PROBLEM",
-           "AUTOTUNE"]
+from . import runtime
+from .runtime import next_pow2
+
+__all__ = ["dwconv_ln_fwd", "dwconv_ln_bwd", "MAX_K", "AUTOTUNE"]
 
 # Largest kernel size accepted. Any odd k works (the forward unrolls its k*k taps, so compile time
 # grows as k*k); ConvNeXt uses 7.
@@ -116,6 +117,49 @@ def _pixel_coords(p, H, W):
     return hw // W, hw % W
 
 
+@triton.jit
+def _pixel_tile(P, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The forward and the dz kernel tile alike: BLOCK_P consecutive pixels x all of C per
+    program. Returns the pixels, their mask and coordinates, the int64 element offset of the
+    first one and the int32 tile-local offsets (see above)."""
+    pid = tl.program_id(0)
+    pl = tl.arange(0, BLOCK_P)
+    p = pid * BLOCK_P + pl
+    pmask = p < P
+    h, w = _pixel_coords(p, H, W)
+    tbase = pid.to(tl.int64) * BLOCK_P * C
+    cr = tl.arange(0, BLOCK_C)
+    offs = (pl * C)[:, None] + cr[None, :]
+    return p, pmask, h, w, tbase, cr, offs
+
+
+@triton.jit
+def _conv_chunk(XT, WT, CB, c0, cr, offs, h, w, pmask, H, W, C,
+                K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_C: tl.constexpr, UNROLL_ROWS: tl.constexpr):
+    """z = conv(x) + conv_b on channels [c0, c0 + BLOCK_C) of a pixel tile, with the channel and
+    element masks. z is never stored by the forward, so every pass that needs it recomputes it
+    here, the same way each time."""
+    cmask = c0 + cr < C
+    m2 = pmask[:, None] & cmask[None, :]
+    z = _dwconv_tile(XT + c0, WT + c0 + cr, offs, h, w, pmask, cmask, H, W, C, K, BLOCK_P,
+                     BLOCK_C, UNROLL_ROWS)
+    if HAS_BIAS:
+        z += tl.load(CB + c0 + cr, mask=cmask, other=0.0)[None, :]
+    return z, cmask, m2
+
+
+@triton.jit
+def _ln_grad_terms(GYT, LNW, c0, cr, offs, cmask, m2, z, mean, rstd):
+    """xhat and g = grad_y * ln_w on a channel chunk (fp32; xhat 0 where masked). The chunked
+    path forms them twice per chunk, for the sums and then for dz: one definition keeps the two
+    consistent."""
+    xhat = tl.where(m2, (z - mean[:, None]) * rstd[:, None], 0.0)
+    lw = tl.load(LNW + c0 + cr, mask=cmask, other=0.0).to(tl.float32)
+    gy = tl.load(GYT + c0 + offs, mask=m2, other=0.0).to(tl.float32)
+    return xhat, gy * lw[None, :]
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -128,22 +172,12 @@ def _dwconv_ln_fwd_kernel(
 ):
     BLOCK_P: tl.constexpr = TILE // BLOCK_C
     C = C_V * CV  # C = C_V * CV: the compiler then knows rows are CV-aligned (vector loads)
-    pid = tl.program_id(0)
-    pl = tl.arange(0, BLOCK_P)
-    p = pid * BLOCK_P + pl
-    pmask = p < P
-    h, w = _pixel_coords(p, H, W)
-    tbase = pid.to(tl.int64) * BLOCK_P * C  # element offset of the tile's first pixel
+    p, pmask, h, w, tbase, cr, offs = _pixel_tile(P, H, W, C, BLOCK_P, BLOCK_C)
     XT = X + tbase
     YT = Y + tbase
-    cr = tl.arange(0, BLOCK_C)
-    offs = (pl * C)[:, None] + cr[None, :]
     if ONE_CHUNK:
-        cmask = cr < C
-        m2 = pmask[:, None] & cmask[None, :]
-        z = _dwconv_tile(XT, WT + cr, offs, h, w, pmask, cmask, H, W, C, K, BLOCK_P, BLOCK_C, True)
-        if HAS_BIAS:
-            z += tl.load(CB + cr, mask=cmask, other=0.0)[None, :]
+        z, cmask, m2 = _conv_chunk(XT, WT, CB, 0, cr, offs, h, w, pmask, H, W, C, K, HAS_BIAS,
+                                   BLOCK_P, BLOCK_C, True)
         z = tl.where(m2, z, 0.0)
         mean = tl.sum(z, axis=1) / C
         d = tl.where(m2, z - mean[:, None], 0.0)
@@ -159,12 +193,8 @@ def _dwconv_ln_fwd_kernel(
         m2acc = tl.zeros([BLOCK_P], dtype=tl.float32)
         n_a = tl.zeros([BLOCK_P], dtype=tl.float32)  # channels merged so far
         for c0 in range(0, C, BLOCK_C):
-            cmask = c0 + cr < C
-            m2 = pmask[:, None] & cmask[None, :]
-            z = _dwconv_tile(XT + c0, WT + c0 + cr, offs, h, w, pmask, cmask, H, W, C, K,
-                             BLOCK_P, BLOCK_C, False)
-            if HAS_BIAS:
-                z += tl.load(CB + c0 + cr, mask=cmask, other=0.0)[None, :]
+            z, cmask, m2 = _conv_chunk(XT, WT, CB, c0, cr, offs, h, w, pmask, H, W, C, K,
+                                       HAS_BIAS, BLOCK_P, BLOCK_C, False)
             n_b = tl.sum(cmask.to(tl.float32), axis=0)  # channels in this chunk
             mean_b = tl.sum(tl.where(m2, z, 0.0), axis=1) / n_b
             d = tl.where(m2, z - mean_b[:, None], 0.0)
@@ -177,12 +207,8 @@ def _dwconv_ln_fwd_kernel(
         rstd = tl.rsqrt(m2acc / C + eps)
         # pass 2: recompute the conv (see module docstring) and normalise
         for c0 in range(0, C, BLOCK_C):
-            cmask = c0 + cr < C
-            m2 = pmask[:, None] & cmask[None, :]
-            z = _dwconv_tile(XT + c0, WT + c0 + cr, offs, h, w, pmask, cmask, H, W, C, K,
-                             BLOCK_P, BLOCK_C, False)
-            if HAS_BIAS:
-                z += tl.load(CB + c0 + cr, mask=cmask, other=0.0)[None, :]
+            z, cmask, m2 = _conv_chunk(XT, WT, CB, c0, cr, offs, h, w, pmask, H, W, C, K,
+                                       HAS_BIAS, BLOCK_P, BLOCK_C, False)
             lw = tl.load(LNW + c0 + cr, mask=cmask, other=0.0).to(tl.float32)
             lb = tl.load(LNB + c0 + cr, mask=cmask, other=0.0).to(tl.float32)
             y = (z - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
@@ -203,29 +229,16 @@ def _dwconv_ln_bwd_dz_kernel(
 ):
     BLOCK_P: tl.constexpr = TILE // BLOCK_C
     C = C_V * CV
-    pid = tl.program_id(0)
-    pl = tl.arange(0, BLOCK_P)
-    p = pid * BLOCK_P + pl
-    pmask = p < P
-    h, w = _pixel_coords(p, H, W)
-    tbase = pid.to(tl.int64) * BLOCK_P * C
+    p, pmask, h, w, tbase, cr, offs = _pixel_tile(P, H, W, C, BLOCK_P, BLOCK_C)
     XT = X + tbase
     GYT = GY + tbase
     DZT = DZ + tbase
-    cr = tl.arange(0, BLOCK_C)
-    offs = (pl * C)[:, None] + cr[None, :]
     mean = tl.load(MEAN + p, mask=pmask, other=0.0)
     rstd = tl.load(RSTD + p, mask=pmask, other=0.0)
     if ONE_CHUNK:
-        cmask = cr < C
-        m2 = pmask[:, None] & cmask[None, :]
-        z = _dwconv_tile(XT, WT + cr, offs, h, w, pmask, cmask, H, W, C, K, BLOCK_P, BLOCK_C, True)
-        if HAS_BIAS:
-            z += tl.load(CB + cr, mask=cmask, other=0.0)[None, :]
-        xhat = tl.where(m2, (z - mean[:, None]) * rstd[:, None], 0.0)
-        lw = tl.load(LNW + cr, mask=cmask, other=0.0).to(tl.float32)
-        gy = tl.load(GYT + offs, mask=m2, other=0.0).to(tl.float32)
-        g = gy * lw[None, :]
+        z, cmask, m2 = _conv_chunk(XT, WT, CB, 0, cr, offs, h, w, pmask, H, W, C, K, HAS_BIAS,
+                                   BLOCK_P, BLOCK_C, True)
+        xhat, g = _ln_grad_terms(GYT, LNW, 0, cr, offs, cmask, m2, z, mean, rstd)
         s1 = tl.sum(g, axis=1) / C
         s2 = tl.sum(g * xhat, axis=1) / C
         dz = rstd[:, None] * (g - s1[:, None] - xhat * s2[:, None])
@@ -235,17 +248,10 @@ def _dwconv_ln_bwd_dz_kernel(
         s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
         s2 = tl.zeros([BLOCK_P], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            cmask = c0 + cr < C
-            m2 = pmask[:, None] & cmask[None, :]
-            z = _dwconv_tile(XT + c0, WT + c0 + cr, offs, h, w, pmask, cmask, H, W, C, K,
-                             BLOCK_P, BLOCK_C, False)
-            if HAS_BIAS:
-                z += tl.load(CB + c0 + cr, mask=cmask, other=0.0)[None, :]
+            z, cmask, m2 = _conv_chunk(XT, WT, CB, c0, cr, offs, h, w, pmask, H, W, C, K,
+                                       HAS_BIAS, BLOCK_P, BLOCK_C, False)
             tl.store(DZT + c0 + offs, z, mask=m2)
-            xhat = tl.where(m2, (z - mean[:, None]) * rstd[:, None], 0.0)
-            lw = tl.load(LNW + c0 + cr, mask=cmask, other=0.0).to(tl.float32)
-            gy = tl.load(GYT + c0 + offs, mask=m2, other=0.0).to(tl.float32)
-            g = gy * lw[None, :]
+            xhat, g = _ln_grad_terms(GYT, LNW, c0, cr, offs, cmask, m2, z, mean, rstd)
             s1 += tl.sum(g, axis=1)
             s2 += tl.sum(g * xhat, axis=1)
         s1 = s1 / C
@@ -257,10 +263,7 @@ def _dwconv_ln_bwd_dz_kernel(
             cmask = c0 + cr < C
             m2 = pmask[:, None] & cmask[None, :]
             z = tl.load(DZT + c0 + offs, mask=m2, other=0.0)
-            xhat = tl.where(m2, (z - mean[:, None]) * rstd[:, None], 0.0)
-            lw = tl.load(LNW + c0 + cr, mask=cmask, other=0.0).to(tl.float32)
-            gy = tl.load(GYT + c0 + offs, mask=m2, other=0.0).to(tl.float32)
-            g = gy * lw[None, :]
+            xhat, g = _ln_grad_terms(GYT, LNW, c0, cr, offs, cmask, m2, z, mean, rstd)
             dz = rstd[:, None] * (g - s1[:, None] - xhat * s2[:, None])
             tl.store(DZT + c0 + offs, dz, mask=m2)
 
@@ -358,16 +361,9 @@ def _dwconv_ln_bwd_dx_kernel(
 # ----------------------------------------------------------------------------------------------
 # configurations
 # ----------------------------------------------------------------------------------------------
-# Interpreted (TRITON_INTERPRET=1 when this module was imported): @triton.jit gave no JITFunction.
-INTERPRET = not isinstance(_dwconv_ln_fwd_kernel, JITFunction)
-# ... but the interpreter only works when TRITON_INTERPRET=1 was also set before triton itself was
-# first imported (triton.language's own jit functions, e.g. tl.zeros, are decorated then).
-INTERPRETER_PROBLEM: Optional[str] = None
-if INTERPRET and isinstance(tl.zeros, JITFunction):
-    INTERPRETER_PROBLEM = ("TRITON_INTERPRET=1 was set after triton had been imported; the Triton "
-                           "interpreter needs it before the first import of triton")
-# Autotuning on a GPU unless CONVNEXT_FAST_TRITON_AUTOTUNE=0; never under the interpreter.
-AUTOTUNE = (not INTERPRET) and os.environ.get("CONVNEXT_FAST_TRITON_AUTOTUNE", "1") != "0"
+# Read once, so that the tuned kernels below exist exactly when the launchers use them (the tests
+# switch it off per test).
+AUTOTUNE = runtime.autotune_enabled()
 
 # TILE = BLOCK_P * BLOCK_C elements per tile (BLOCK_C is fixed by C, see _ln_chunking), so a
 # config sets the tile size and the warps; num_stages=1: no tl.dot here, nothing to pipeline.
@@ -389,36 +385,30 @@ else:
     _fwd_tuned = _bwd_dz_tuned = _bwd_dx_tuned = None
 
 
-def _pow2(n) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
-
-
 def _ln_chunking(C) -> Tuple[int, bool]:
     """(BLOCK_C, ONE_CHUNK) for the kernels that reduce over C."""
-    c2 = _pow2(C)
+    c2 = next_pow2(C)
     if c2 <= MAX_ONE_CHUNK:
         return c2, True
     # interpreter: fewer, larger chunks (C = 1100, 1536 still get a ragged last one)
-    return (2 * MULTI_BLOCK_C if INTERPRET else MULTI_BLOCK_C), False
+    return (2 * MULTI_BLOCK_C if runtime.INTERPRET else MULTI_BLOCK_C), False
 
 
 def _dx_block_c(C) -> int:
     """BLOCK_C of the dx/dw kernel (no reduction over C there: small chunks, many programs)."""
-    if INTERPRET:  # few, large interpreted programs; C > 1024 still gets several chunks
-        return min(_pow2(C), 1024)
+    if runtime.INTERPRET:  # few, large interpreted programs; C > 1024 still gets several chunks
+        return min(next_pow2(C), 1024)
     for b in (64, 32, 16, 8):
         if C % b == 0:
             return b
-    return min(_pow2(C), 64)
+    return min(next_pow2(C), 64)
 
 
 def _pix_per_prog(P, n_cblocks) -> int:
     """Pixels per program of the dx/dw kernel: long enough that the [groups, k*k+3, C] partial
     buffer stays small next to dz, short enough for >= ~512 programs (GPU heuristic)."""
-    if INTERPRET:  # two groups (the 2nd ragged when P is odd): the partial reduction is tested
+    if runtime.INTERPRET:
+        # two groups (the 2nd ragged when P is odd): the partial reduction is tested
         return max(1, triton.cdiv(P, 2))
     r = 1024
     while r > 256 and triton.cdiv(P, r) * n_cblocks < 512:
@@ -430,9 +420,9 @@ def _tile_meta(block_c: int, pix_per_prog: Optional[int] = None):
     """Launch meta for the untuned path. Interpreted, the cost is per operation, not per element:
     large tiles, except that a dx/dw program (``pix_per_prog`` given) walks ~2 tiles so its tile
     loop is exercised."""
-    if INTERPRET:
+    if runtime.INTERPRET:
         if pix_per_prog is not None:
-            return dict(TILE=block_c * _pow2(triton.cdiv(pix_per_prog, 2)), num_warps=4)
+            return dict(TILE=block_c * next_pow2(triton.cdiv(pix_per_prog, 2)), num_warps=4)
         return dict(TILE=max(_INTERP_TILE, block_c), num_warps=4)
     return dict(TILE=max(_GPU_TILE, block_c), num_warps=_GPU_WARPS if block_c < 1024 else 8)
 
@@ -457,7 +447,7 @@ def _skip_launch(*tensors) -> bool:
     """Under the interpreter, tensors without data (fake/meta: register_fake, opcheck) cannot be
     launched on; skip the launch as the fake kernel of ``wrap_triton`` does on a GPU. Other tensor
     subclasses (functionalisation under torch.compile) cannot be run by the interpreter at all."""
-    if not INTERPRET:
+    if not runtime.INTERPRET:
         return False
     from torch._subclasses.fake_tensor import FakeTensor
 
@@ -474,12 +464,10 @@ def _skip_launch(*tensors) -> bool:
 
 
 def _check_device(x: torch.Tensor) -> None:
-    if x.device.type == "cpu" and not INTERPRET:
-        raise RuntimeError("dwconv_ln triton kernels got CPU tensors but triton was imported "
-                           "without TRITON_INTERPRET=1; use a CUDA device (or set it before "
-                           "importing triton)")
-    if x.device.type == "cpu" and INTERPRETER_PROBLEM is not None:
-        raise RuntimeError(f"dwconv_ln triton kernels: {INTERPRETER_PROBLEM}")
+    if x.device.type == "cpu":
+        problem = runtime.interpreter_problem()
+        if problem is not None:
+            raise RuntimeError(f"dwconv_ln triton kernels: {problem}")
 
 
 def _prep(x, conv_weight, conv_bias):

@@ -1,120 +1,23 @@
-"""Shared pieces of the MLP kernels (private): GELU, a fused-epilogue GEMM, autotune plumbing.
+"""GEMM pieces the MLP kernels share: exact-erf GELU, the MMA step, a fused-epilogue linear kernel.
 
 Conventions (DESIGN.md): row-major [M, K] activations (NHWC viewed as [N*H*W, C]), weights in
 nn.Linear layout [out, in], fp32 accumulation and statistics for every input dtype, exact erf
 GELU. Launchers go through ``torch.library.wrap_triton`` so that a ``triton_op`` calling them
-can be traced by torch.compile; outside tracing it simply launches the kernel.
-
-Autotuning: on a GPU every tunable kernel is wrapped in ``triton.autotune`` (keyed on the
-channel counts) with a config list for the device's architecture (sm_90+ or sm_80-class);
-``CONVNEXT_FAST_TRITON_AUTOTUNE=0`` uses the first config of the list instead. Under
-``TRITON_INTERPRET=1`` nothing is autotuned: each kernel runs with one heuristic config whose
-tiles are fitted to the problem (:func:`fit_block`), because the interpreter pays for padded
-work and per program/loop step, not for real FLOPs.
-
-Interpreter caveats (CPU tests only): its ``tl.dot`` multiplies bf16 tensors as raw uint16, so
-bf16 operands are upcast to fp32 there (:func:`dot_upcast`, exact), and it converts fp32 -> bf16
-by truncation instead of round-to-nearest-even (the compiled kernels round to nearest).
+can be traced by torch.compile; outside tracing it simply launches the kernel. How a kernel is
+launched (interpreter, autotuning, tile fitting) is :mod:`.runtime`'s business.
 """
 from __future__ import annotations
 
-import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = [
-    "interpreting", "autotune_enabled", "dot_precision", "dot_upcast", "next_pow2", "fit_block",
-    "TunedKernel", "gemm_configs", "row_tile_configs", "linear_fwd", "gelu", "gelu_grad", "mma",
-]
+from .runtime import TunedKernel, dot_precision, dot_upcast, fit_block
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
-
-
-def autotune_enabled() -> bool:
-    """``CONVNEXT_FAST_TRITON_AUTOTUNE=0`` launches each kernel with the first config of its list
-    instead of benchmarking them all on first use (faster start-up, e.g. for test runs)."""
-    return os.environ.get("CONVNEXT_FAST_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no")
-
-
-def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """``input_precision`` for ``tl.dot``: IEEE fp32 unless the user allowed TF32 for CUDA matmuls.
-
-    Only fp32 operands are affected; for fp16/bf16 operands the value is ignored by Triton.
-    """
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def dot_upcast(dtype: torch.dtype) -> bool:
-    """Feed bf16 MMA operands to ``tl.dot`` as fp32 (exact: products of bf16 values are exact in
-    fp32, accumulation is fp32 either way). Only under the interpreter, whose dot multiplies
-    bf16 tensors as their raw uint16 storage."""
-    return dtype == torch.bfloat16 and interpreting()
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def fit_block(n: int, candidates: Sequence[int] = (128, 64, 32, 16), slack: float = 1.25) -> int:
-    """The largest candidate tile whose padded extent is within ``slack`` x the least padded one.
-
-    Used for the interpreter's single config: there padded work costs as much as real work (its
-    dot is a plain numpy loop), but every extra program / loop step costs fixed overhead too.
-    """
-    padded = {b: triton.cdiv(max(n, 1), b) * b for b in candidates}
-    best = min(padded.values())
-    return max(b for b in candidates if padded[b] <= slack * best)
-
-
-def _arch(device: torch.device) -> int:
-    """Major compute capability (0 under the interpreter / on CPU)."""
-    if device.type != "cuda":
-        return 0
-    return torch.cuda.get_device_capability(device)[0]
-
-
-class TunedKernel:
-    """A ``@triton.jit`` kernel plus how to pick its tile sizes.
-
-    ``configs(arch, static)`` returns the autotune candidates for a GPU of major capability
-    ``arch`` (9 -> the sm_90 list, else the sm_80 list), given the launch's static constexprs
-    (e.g. the padded channel count, used to drop configs whose accumulator cannot fit).
-    ``heuristic(static)`` returns the single config dict used under the interpreter.
-    ``get(device, static)`` returns ``(kernel, meta)``: ``meta`` holds the tile constexprs the
-    launcher must pass itself (empty when the autotuner picks them).
-    """
-
-    def __init__(self, fn, configs: Callable[[int, dict], List["triton.Config"]], key: Sequence[str],
-                 heuristic: Callable[[dict], dict]):
-        self.fn = fn
-        self.configs = configs
-        self.key = list(key)
-        self.heuristic = heuristic
-        self._tuned: Dict[Tuple, object] = {}
-
-    def get(self, device: torch.device, static: Optional[dict] = None, **hints):
-        """``hints`` (problem sizes) feed only the interpreter heuristic, never the GPU cache key."""
-        static = dict(static or {})
-        if interpreting() or device.type != "cuda":
-            return self.fn, self.heuristic({**static, **hints})
-        arch = _arch(device)
-        if not autotune_enabled():  # first (default) config of the architecture's list
-            cfg = self.configs(arch, static)[0]
-            return self.fn, {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        cache_key = (arch, tuple(sorted(static.items())))
-        kernel = self._tuned.get(cache_key)
-        if kernel is None:
-            kernel = triton.autotune(configs=self.configs(arch, static), key=self.key)(self.fn)
-            self._tuned[cache_key] = kernel
-        return kernel, {}
+__all__ = ["gelu", "gelu_grad", "mma", "linear_tile", "mlp_bwd_tiles", "linear_fwd", "gemm_configs",
+           "row_tile_configs"]
 
 
 def gemm_configs(arch: int, static: dict) -> List["triton.Config"]:
@@ -194,6 +97,63 @@ def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def linear_tile(A, W, rows64, rmask, cols, nmask, K, stride_am, SCALE, SHIFT, img,
+                A_AFFINE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] tile of prologue(A)[rows, :K] @ W[cols, :K]^T (W in nn.Linear
+    layout). With A_AFFINE, a[m, k] <- a[m, k] * SCALE[img[m], k] + SHIFT[k] (GRN, per image),
+    rounded back to A's dtype so that the MMA sees what an unfused fc2 would read; ``img`` (the
+    rows' images, int64) is read only then."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < K
+        a = tl.load(A + rows64[:, None] * stride_am + kk[None, :],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if A_AFFINE:
+            s = tl.load(SCALE + img[:, None] * K + kk[None, :],
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            t = tl.load(SHIFT + kk, mask=kmask, other=0.0)
+            a = (a.to(tl.float32) * s + t[None, :]).to(A.dtype.element_ty)
+        w = tl.load(W + cols[None, :].to(tl.int64) * K + kk[:, None],
+                    mask=nmask[None, :] & kmask[:, None], other=0.0)
+        acc = mma(a, w, acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def mlp_bwd_tiles(Y, G, W1, W2, GAMMA, SG, rows64, rmask, dd, dmask, C, D, stride_ym, stride_gm,
+                  store_sg, HAS_GAMMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(pre, dh) = (y @ W1^T, (g * gamma) @ W2) for one [BLOCK_M, BLOCK_D] hidden tile, fp32.
+
+    Both GEMMs have K = C, so one pass over the K chunks reads each y and g tile once; where
+    ``store_sg`` (one program per row tile) it also writes the column sums of g to SG[:C], for
+    the bias and gamma gradients, with a masked store rather than a branch so that the K loop
+    stays pipelineable.
+    """
+    dd64 = dd.to(tl.int64)
+    pre = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dh = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < C
+        amask = rmask[:, None] & kmask[None, :]
+        wmask = kmask[:, None] & dmask[None, :]
+        y = tl.load(Y + rows64[:, None] * stride_ym + kk[None, :], mask=amask, other=0.0)
+        g = tl.load(G + rows64[:, None] * stride_gm + kk[None, :], mask=amask, other=0.0)
+        tl.store(SG + kk, tl.sum(g.to(tl.float32), axis=0), mask=kmask & store_sg)
+        if HAS_GAMMA:
+            gm = tl.load(GAMMA + kk, mask=kmask, other=0.0).to(tl.float32)
+            g = (g.to(tl.float32) * gm[None, :]).to(Y.dtype.element_ty)
+        w1t = tl.load(W1 + dd64[None, :] * C + kk[:, None], mask=wmask, other=0.0)  # [K, D]
+        w2 = tl.load(W2 + kk[:, None].to(tl.int64) * D + dd[None, :], mask=wmask, other=0.0)
+        pre = mma(y, w1t, pre, PRECISION, UPCAST)
+        dh = mma(g, w2, dh, PRECISION, UPCAST)
+    return pre, dh
+
+
 # ----------------------------------------------------------------------------------------------
 # OUT[M, N] = epilogue( prologue(A)[M, K] @ W[N, K]^T )
 #   prologue (A_AFFINE): a[m, k] <- a[m, k] * SCALE[m // HW, k] + SHIFT[k]   (GRN, per image)
@@ -223,23 +183,9 @@ def _linear_fwd_kernel(
     rmask = rows < M
     nmask = cols < N
     rows64 = rows.to(tl.int64)
-    if A_AFFINE:
-        img = (rows // HW).to(tl.int64)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        kmask = kk < K
-        a = tl.load(A + rows64[:, None] * stride_am + kk[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        if A_AFFINE:
-            s = tl.load(SCALE + img[:, None] * K + kk[None, :],
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)
-            t = tl.load(SHIFT + kk, mask=kmask, other=0.0)
-            a = (a.to(tl.float32) * s + t[None, :]).to(A.dtype.element_ty)
-        w = tl.load(W + cols[None, :].to(tl.int64) * K + kk[:, None],
-                    mask=nmask[None, :] & kmask[:, None], other=0.0)
-        acc = mma(a, w, acc, PRECISION, UPCAST)
+    img = (rows // HW).to(tl.int64)  # dead code without A_AFFINE
+    acc = linear_tile(A, W, rows64, rmask, cols, nmask, K, stride_am, SCALE, SHIFT, img, A_AFFINE,
+                      PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
 
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]

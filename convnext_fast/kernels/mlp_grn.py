@@ -12,7 +12,7 @@ cannot be fused into one pass; the forward runs in two phases:
    :func:`grn_block_m` to keep that padding small (it also sizes the partial buffer, so it is a
    launcher decision, not an autotune one). Then (tiny [N, D] torch ops, fixed order):
    gx = sqrt(sum_t ssq), S = 1 + grn_w * gx / (mean(gx) + eps).
-2. The shared fused-epilogue GEMM (``_gemm_utils._linear_fwd_kernel``) with its GRN prologue:
+2. The shared fused-epilogue GEMM (``gemm._linear_fwd_kernel``) with its GRN prologue:
    each h tile is mapped to h * S[row // HW] + grn_b (fp32, then input dtype) right before the
    MMA; epilogue + b2 + residual. Its row tiles may straddle images (S is gathered per row).
 
@@ -42,9 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm_utils import (TunedKernel, dot_precision, dot_upcast, fit_block, gelu, gelu_grad,
-                          interpreting, linear_fwd, mma, row_tile_configs)
-from .mlp import nhwc_view, out2d, rows2d
+from . import runtime
+from .gemm import gelu, gelu_grad, linear_fwd, linear_tile, mlp_bwd_tiles, row_tile_configs
+from .mlp import fwd_rows, nhwc_view, rows2d
+from .runtime import TunedKernel, dot_precision, dot_upcast, fit_block
 
 __all__ = ["mlp_grn_fwd", "mlp_grn_bwd", "grn_block_m", "GRN_BLOCK_M_CANDIDATES", "GRN_MAX_PAD"]
 
@@ -80,31 +81,28 @@ def grn_block_m(hw: int) -> int:
 # forward phase 1: fc1 + bias + GELU -> h, per-(image, tile) partial sums of h^2
 
 @triton.jit
+def _image_tile(TPI, HW, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows and hidden columns. Program (n * TPI + t, j) owns row tile t of image n
+    and hidden chunk j: a row tile never straddles two images, so its partial sums are per image."""
+    pid_t = tl.program_id(0)
+    n = pid_t // TPI
+    t = pid_t % TPI
+    local = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = n.to(tl.int64) * HW + local
+    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return pid_t, rows64, local < HW, dd, dd < D
+
+
+@triton.jit
 def _mlp_grn_fwd_fc1_kernel(
     Y, W1, B1, H, SSQ,
     C, D, HW, TPI, stride_ym,
     HAS_B1: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)  # n * TPI + t
-    pid_d = tl.program_id(1)
-    n = pid_t // TPI
-    t = pid_t % TPI
-    local = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = local < HW
-    rows64 = n.to(tl.int64) * HW + local
-    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = dd < D
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        kmask = kk < C
-        y = tl.load(Y + rows64[:, None] * stride_ym + kk[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w1t = tl.load(W1 + dd[None, :].to(tl.int64) * C + kk[:, None],
-                      mask=kmask[:, None] & dmask[None, :], other=0.0)
-        acc = mma(y, w1t, acc, PRECISION, UPCAST)
+    pid_t, rows64, rmask, dd, dmask = _image_tile(TPI, HW, D, BLOCK_M, BLOCK_D)
+    acc = linear_tile(Y, W1, rows64, rmask, dd, dmask, C, stride_ym, Y, Y, rows64, False,
+                      PRECISION, UPCAST, BLOCK_M, BLOCK_D, BLOCK_K)
     if HAS_B1:
         acc += tl.load(B1 + dd, mask=dmask, other=0.0).to(tl.float32)[None, :]
     h = gelu(acc).to(H.dtype.element_ty)
@@ -150,13 +148,9 @@ def mlp_grn_fwd(y: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[to
     N, C, H, W = y.shape
     D = fc1_weight.shape[0]
     HW, M = H * W, N * H * W
-    if out is None:
-        out = torch.empty_like(y, memory_format=_CL)
-    o2 = out2d(out, y)
+    out, o2, y2, r2 = fwd_rows(y, residual, out)
     if M == 0:
         return out
-    y2 = rows2d(y)
-    r2 = None if residual is None else rows2d(residual)
     w1, w2 = fc1_weight.contiguous(), fc2_weight.contiguous()
 
     bm = grn_block_m(HW)
@@ -185,33 +179,11 @@ def _mlp_grn_bwd_recompute_kernel(
     HAS_B1: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)  # n * TPI + t
-    pid_d = tl.program_id(1)
-    n = pid_t // TPI
-    t = pid_t % TPI
-    local = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = local < HW
-    rows64 = n.to(tl.int64) * HW + local
-    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    dd64 = dd.to(tl.int64)
-
-    pre = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dhp = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        kmask = kk < C
-        amask = rmask[:, None] & kmask[None, :]
-        wmask = kmask[:, None] & dmask[None, :]
-        y = tl.load(Y + rows64[:, None] * stride_ym + kk[None, :], mask=amask, other=0.0)
-        g = tl.load(G + rows64[:, None] * stride_gm + kk[None, :], mask=amask, other=0.0)
-        # column sums of g (-> db2), one partial per row tile, stored by the pid_d == 0 programs
-        tl.store(SGP + pid_t.to(tl.int64) * C + kk, tl.sum(g.to(tl.float32), axis=0),
-                 mask=kmask & (pid_d == 0))
-        w1t = tl.load(W1 + dd64[None, :] * C + kk[:, None], mask=wmask, other=0.0)
-        w2 = tl.load(W2 + kk[:, None].to(tl.int64) * D + dd[None, :], mask=wmask, other=0.0)
-        pre = mma(y, w1t, pre, PRECISION, UPCAST)
-        dhp = mma(g, w2, dhp, PRECISION, UPCAST)
+    pid_t, rows64, rmask, dd, dmask = _image_tile(TPI, HW, D, BLOCK_M, BLOCK_D)
+    # the column sums of g (-> db2): one partial per row tile, from the programs of hidden chunk 0
+    pre, dhp = mlp_bwd_tiles(Y, G, W1, W2, W1, SGP + pid_t.to(tl.int64) * C, rows64, rmask, dd,
+                             dmask, C, D, stride_ym, stride_gm, tl.program_id(1) == 0, False,
+                             PRECISION, UPCAST, BLOCK_M, BLOCK_D, BLOCK_K)
 
     if HAS_B1:
         pre += tl.load(B1 + dd, mask=dmask, other=0.0).to(tl.float32)[None, :]
@@ -308,7 +280,7 @@ def mlp_grn_bwd(grad_out: torch.Tensor, y: torch.Tensor, fc1_weight: torch.Tenso
                        torch.zeros_like(gx))
 
     bm_e, bd = _DPRE_BLOCK_M, _DPRE_BLOCK_D
-    if interpreting():  # padded elements cost real time there
+    if runtime.INTERPRET:  # padded elements cost real time there
         bm_e, bd = fit_block(M, (64, 32, 16)), fit_block(D)
     T = triton.cdiv(M, bm_e)
     db1p = torch.empty((T, D), device=dev, dtype=torch.float32)
