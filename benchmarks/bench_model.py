@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("timm")
 
-from convnext_fast.bench import PROVIDERS, make_reference, make_runner, provider_unavailable  # noqa: E402
+from convnext_fast.bench import (PROVIDERS, logits_error, make_reference, make_runner, model_input,  # noqa: E402
+                                 provider_unavailable)
 
 CUDA = torch.cuda.is_available()
 MODELS = ["convnext_tiny", "convnext_base", "convnextv2_tiny"]
@@ -50,15 +51,13 @@ def test_model(run, full, device, bench_options, model, dtype, mode, batch, prov
         pytest.skip(why)
     res = 224 if full else 32
     ref = _reference(model, device, dtype)
-    x = torch.randn(batch, 3, res, res, device=device, dtype=ref.stem[0].weight.dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = model_input(batch, res, device, dtype)
     ref.eval()
     with torch.inference_mode():
-        base = ref(x).float()
+        base = ref(x)
     step = make_runner(provider, ref, x, mode, bench_options["compile_mode"])
-    out = step().float()
     bound = 1e-4 if dtype == "fp32" else 5e-2
-    err = (out - base).abs().max().item() / base.abs().max().item()
+    err = logits_error(step(), base)
     assert err <= bound, f"{provider}: logits differ from timm by {err:.3g} of max |logit|"
     run(step, kind="model", model=model, mode=mode, dtype=dtype, resolution=res,
         case=f"{model} {mode} {dtype} b{batch} {res}px", provider=provider, batch=batch, max_err_vs_timm=err)

@@ -26,7 +26,7 @@ step "test suite on the GPU"
 python -m pytest tests -q -ra -p no:cacheprovider || status=1
 
 step "ceilings"
-python benchmarks/ceilings.py --json "$OUTDIR/ceilings.json" || status=1
+python -m convnext_fast bench --ceilings --device cuda --dtype bf16 --json "$OUTDIR/ceilings.json" || status=1
 
 step "op and model benchmarks (pytest-benchmark)"
 python -m pytest benchmarks --benchmark -q -p no:cacheprovider ${BENCH_ARGS:---bench-model convnext_tiny} \

@@ -1,145 +1,260 @@
-"""Command line: ``python -m convnext_fast info`` and ``python -m convnext_fast bench``."""
+"""Command line: ``python -m convnext_fast info | bench | plot``.
+
+rich draws the tables when it is installed (``pip install 'convnext_fast[bench]'``); without it
+they come out as plain text.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+EXTRA = "pip install 'convnext_fast[bench]'"
 
-def _info(_args) -> int:
-    from rich.console import Console
-    from rich.table import Table
 
-    from . import _ext, backends, ops  # noqa: F401  (ops registers the backends)
-    from .bench import probe_args
+class _Out:
+    """Lines, tables and a progress status: through rich when it is installed, else plain text."""
 
-    console = Console()
+    def __init__(self):
+        try:
+            from rich.console import Console
+        except ImportError:
+            self.console = None
+        else:
+            self.console = Console()
+
+    def line(self, text: str, style: Optional[str] = None) -> None:
+        if self.console is None:
+            print(text)
+        else:
+            from rich.markup import escape
+
+            self.console.print(escape(text), style=style)
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
+              text_columns: Optional[int] = None) -> None:
+        """The first ``text_columns`` columns (default: all) left-justified, the rest right."""
+        n = len(columns) if text_columns is None else text_columns
+        if self.console is not None:
+            from rich.markup import escape
+            from rich.table import Table
+
+            table = Table(title=escape(title))
+            for i, col in enumerate(columns):
+                table.add_column(col, justify="left" if i < n else "right", no_wrap=i < n, overflow="fold")
+            for row in rows:
+                table.add_row(*(escape(cell) for cell in row))
+            self.console.print(table)
+            return
+        widths = [max(len(str(c)) for c in col) for col in zip(columns, *rows)]
+
+        def fmt(cells):
+            return "  ".join(c.ljust(w) if i < n else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+        print(title)
+        print(fmt(columns))
+        print(fmt(["-" * w for w in widths]))
+        for row in rows:
+            print(fmt(row))
+
+    @contextlib.contextmanager
+    def status(self, text: str) -> Iterator[Callable[[str], None]]:
+        if self.console is not None:
+            with self.console.status(text) as status:
+                yield status.update
+        else:
+            yield lambda msg: print(msg, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.console is None:
+            print(f"(plain tables: rich is not installed; {EXTRA})", file=sys.stderr)
+
+
+def _cell(v: Optional[float], spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _ms_iqr(ms: float, iqr_ms: float) -> str:
+    return f"{ms:.3g} ({100 * iqr_ms / ms:.0f}%)"
+
+
+def _info(_args, out: _Out) -> int:
+    from . import _ext, backends
+    from .backends import order
+    from .bench import OPS, probe_inputs
+
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("triton", "timm"):
         try:
             versions[mod] = __import__(mod).__version__
         except ImportError as e:
             versions[mod] = f"not installed ({e.name})"
-    console.print("[bold]convnext_fast[/bold] " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    out.line("convnext_fast " + ", ".join(f"{k} {v}" for k, v in versions.items()), style="bold")
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        console.print(f"device: cuda:0 {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs),"
-                      f" CUDA {torch.version.cuda}")
+        out.line(f"device: cuda:0 {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs),"
+                 f" CUDA {torch.version.cuda}")
     else:
         built = "CUDA build" if torch.version.cuda else "CPU build"
-        console.print(f"device: cpu ({torch.get_num_threads()} threads; torch is a {built}, no GPU visible)")
+        out.line(f"device: cpu ({torch.get_num_threads()} threads; torch is a {built}, no GPU visible)")
     if _ext.error():
-        console.print(f"extension: [red]unavailable[/red]: {_ext.error()}")
+        out.line(f"extension: unavailable: {_ext.error()}", style="red")
     else:
         info = _ext.build_info()
         cuda = f"CUDA kernels for {info['cuda_arch_list']}" if info["with_cuda"] else "no CUDA kernels"
-        console.print(f"extension: convnext_fast._C built against torch {info['torch_version']}, "
-                      f"CPU ISA {info['cpu_flags']}, {cuda}")
+        out.line(f"extension: convnext_fast._C built against torch {info['torch_version']}, "
+                 f"CPU ISA {info['cpu_flags']}, {cuda}")
         try:
             gemm = _ext.cpu_gemm_dtypes()
         except RuntimeError as e:
-            console.print(f"CPU mlp GEMMs: [red]{e}[/red]")
+            out.line(f"CPU mlp GEMMs: {e}", style="red")
         else:
             forced = os.environ.get("CONVNEXT_FAST_CPU_GEMM")
             how = (f"set by CONVNEXT_FAST_CPU_GEMM={forced}" if forced and forced != "auto" else
                    "the input's dtype where oneDNN has it natively; CONVNEXT_FAST_CPU_GEMM=native|fp32 "
                    "overrides")
-            console.print("CPU mlp GEMMs: " + ", ".join(f"{k} inputs in {v}" for k, v in gemm.items())
-                          + f" ({how})")
+            out.line("CPU mlp GEMMs: " + ", ".join(f"{k} inputs in {v}" for k, v in gemm.items())
+                     + f" ({how})")
     env = os.environ.get(backends.ENV_VAR)
-    console.print(f"requested backend: {env + ' (from ' + backends.ENV_VAR + ')' if env else 'automatic'}")
+    out.line(f"requested backend: {env + ' (from ' + backends.ENV_VAR + ')' if env else 'automatic'}")
 
-    table = Table(title="op x backend")
-    table.add_column("op")
-    for b in backends.BACKENDS:
-        table.add_column(b)
-    rows = {}
+    cells = {}
     for op, b, reason in backends.describe():
-        rows.setdefault(op, {})[b] = "[green]available[/green]" if reason is None else f"[red]no[/red]: {reason}"
-    for op, cells in rows.items():
-        table.add_row(op, *(cells[b] for b in backends.BACKENDS))
-    console.print(table)
+        cells.setdefault(op, {})[b] = "available" if reason is None else f"no: {reason}"
+    out.table("op x backend", ["op", *backends.BACKENDS],
+              [[op, *(row[b] for b in backends.BACKENDS)] for op, row in cells.items()])
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    auto = Table(title="automatic choice (ConvNeXt-T stage-3 shape, batch 2)")
-    for col in ("device", "dtype", "op", "backend", "skipped"):
-        auto.add_column(col)
+    rows = []
     for dev in devices:
         for dt in (torch.float32, torch.bfloat16):
-            for op, args in probe_args(dev, dt).items():
-                try:
-                    name, _ = backends.select(op, torch.device(dev), "auto", args, {})
-                    skipped = "; ".join(f"{b}: {r}" for b, r in backends.last_selections()[op][1])
-                except backends.BackendError as e:
-                    name, skipped = "[red]none[/red]", str(e)
-                auto.add_row(dev, str(dt).replace("torch.", ""), op, name, skipped or "-")
-    console.print(auto)
+            for training in (False, True):
+                for op in OPS:
+                    args = probe_inputs(op, dev, dt, requires_grad=training)
+                    try:
+                        name, _ = backends.select(op, torch.device(dev), "auto", args)
+                        skipped = "; ".join(f"{b}: {r}" for b, r in backends.last_selections()[op][1])
+                    except backends.BackendError as e:
+                        name, skipped = "none", str(e)
+                    rows.append([dev, str(dt).replace("torch.", ""), "training" if training else "inference",
+                                 op, name, order.source(op, dev, dt, training), skipped or "-"])
+    out.table("automatic choice (ConvNeXt-T stage-3 shape, batch 2)",
+              ["device", "dtype", "mode", "op", "backend", "order from", "skipped"], rows)
     return 0
 
 
-def _bench(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
+def _op_table(out: _Out, rows: List[dict], stages: Sequence[Tuple[int, int, int]], title: str) -> None:
+    from .bench import stage_sums
 
-    from .bench import bench_model, bench_ops, environment, measure_ceilings, write_json
+    sums = stage_sums(rows, stages)
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["op"], r["mode"], r["backend"]), {})[tuple(r["shape"][1:3])] = _ms_iqr(r["ms"], r["iqr_ms"])
+    table = []
+    for (op, device, dtype, mode, backend), (total, complete) in sums.items():
+        torch_total, torch_complete = sums.get((op, device, dtype, mode, "torch"), (None, False))
+        table.append([op, mode, backend, *(cells[(op, mode, backend)].get((C, H), "-") for C, H, _ in stages),
+                      _cell(total if complete else None, ".1f"),
+                      _cell(torch_total / total if complete and torch_complete else None, ".2f")])
+    out.table(f"{title}; sum weighted by the {'/'.join(str(b) for *_, b in stages)} blocks",
+              ["op", "mode", "backend", *(f"C{C} H{H}" for C, H, _ in stages), "sum ms", "torch/this"], table,
+              text_columns=3)
 
-    console = Console()
+
+def _missing(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return True
+    return False
+
+
+def _bench(args, out: _Out) -> int:
+    from .bench import (MODES, bench_model, bench_ops, describe_environment, environment, measure_ceilings,
+                        stage_shapes, write_backend_order, write_json)
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        console.print("[red]--device cuda asked for, but no CUDA device is visible[/red]")
+        out.line("--device cuda asked for, but no CUDA device is visible", style="red")
         return 2
+    run_models = args.plot is not None or not (args.ops or args.ceilings)
+    run_ops = args.ops or args.plot is not None
+    run_ceilings = args.ceilings or args.plot is not None
+    for module, needed, why in (("timm", run_models, "the model benchmarks compare against timm"),
+                                ("matplotlib", args.plot is not None, "--plot draws with matplotlib")):
+        if needed and _missing(module):
+            out.line(f"{why}, which is not installed: {EXTRA}", style="red")
+            return 2
     providers = args.providers or (["timm", "timm_patched", "convnext_fast"]
                                    + ([] if args.no_compile else ["timm_compile"]))
+    stages = stage_shapes(args.resolution)
     results, op_rows, ceilings = [], [], None
-    with console.status("benchmarking") as status:
-        for batch in args.batch:
-            results += bench_model(args.model, device, args.dtype, batch, args.resolution,
-                                   args.warmup, args.iters, providers, args.compile_mode, args.mode,
-                                   progress=lambda msg: status.update(msg))
-        if args.plot:
-            status.update("ceilings: copy bandwidth and matmul rate")
+    with out.status("benchmarking") as update:
+        if run_models:
+            for batch in args.batch:
+                results += bench_model(args.model, device, args.dtype, batch, args.resolution,
+                                       args.warmup, args.iters, providers, args.compile_mode, args.mode,
+                                       progress=update)
+        if run_ceilings:
+            update("ceilings: copy bandwidth and matmul rate")
             ceilings = measure_ceilings(device, args.dtype)
-            r = args.resolution
-            stages = ((96, r // 4), (192, r // 8), (384, r // 16), (768, max(r // 32, 1)))  # ConvNeXt-T
-            op_rows = bench_ops(device, args.dtype, max(args.batch), stages=stages, warmup=args.warmup, iters=args.iters,
-                                progress=lambda msg: status.update(f"op benchmarks: {msg}"))
+        if run_ops:
+            # The roofline of --plot alone shows forward calls only.
+            op_rows = bench_ops(device, args.dtype, max(args.batch), stages=stages,
+                                modes=MODES if args.ops else ("fwd",), warmup=args.warmup, iters=args.iters,
+                                progress=lambda msg: update(f"op benchmarks: {msg}"))
     env = environment(device)
-    where = f"{env.get('gpu') or env.get('cpu')} ({device}), torch {env['torch']}"
-    table = Table(title=f"{args.model} {args.mode}, {args.dtype}, {args.resolution}px, channels_last - {where}")
-    for col in ("provider", "batch", "ms", "img/s", "vs eager", "vs compile", "max err vs timm", "peak MB"):
-        table.add_column(col, justify="right", no_wrap=True)
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    for r in results:
-        table.add_row(r.provider, str(r.batch), f"{r.ms:.2f}", f"{r.img_per_s:.1f}",
-                      fmt(r.speedup_vs_eager, ".2f"), fmt(r.speedup_vs_compile, ".2f"),
-                      fmt(r.max_err_vs_timm, ".2e"), fmt(r.peak_mem_mb, ".0f"))
-    console.print(table)
+    where = describe_environment(env)
+    if results:
+        rows = [[r.provider, str(r.batch), f"{r.ms:.2f}", _cell(r.iqr_ms, ".2f"), f"{r.img_per_s:.1f}",
+                 _cell(r.speedup_vs_eager, ".2f"), _cell(r.speedup_vs_compile, ".2f"),
+                 _cell(r.max_err_vs_timm, ".2e"), _cell(r.peak_mem_mb, ".0f")] for r in results]
+        out.table(f"{args.model} {args.mode}, {args.dtype}, {args.resolution}px, channels_last - {where}",
+                  ["provider", "batch", "ms", "IQR ms", "img/s", "vs eager", "vs compile", "max err vs timm",
+                   "peak MB"], rows, text_columns=1)
+    if ceilings:
+        out.line(f"ceilings on {where}: copy {ceilings['copy_GBps']:.1f} GB/s, {ceilings['matmul_dtype']} matmul "
+                 f"{ceilings['matmul_TFLOPs']:.2f} TFLOP/s (n={ceilings['matmul_n']})")
+    if args.ops:
+        _op_table(out, op_rows, stages, f"ops, {args.dtype}, batch {max(args.batch)}, {where}: median ms per call "
+                           "(IQR in % of it)")
     if args.json:
-        write_json(args.json, device, results, {"ops": op_rows, "ceilings": ceilings} if args.plot else None)
-        console.print(f"wrote {args.json}")
+        extra = {k: v for k, v in (("ops", op_rows), ("ceilings", ceilings)) if v}
+        write_json(args.json, device, results, extra)
+        out.line(f"wrote {args.json}")
+    if args.write_backend_order:
+        source = args.json or "python -m convnext_fast " + " ".join(args.argv)
+        entries = write_backend_order(op_rows, env, source, args.write_backend_order, stages)
+        out.line(f"wrote {len(entries)} backend order entries to {args.write_backend_order}")
     if args.plot:
         from .plot import save_figure
 
-        rows = [vars(r) for r in results]
-        save_figure(args.plot, [(f"{args.model} {args.mode} {args.dtype}", rows)], op_rows, ceilings,
-                    f"convnext_fast on {where}, commit {env['commit']}")
-        console.print(f"wrote {args.plot}")
+        save_figure(args.plot, [(f"{args.model} {args.mode} {args.dtype}", [vars(r) for r in results])],
+                    [r for r in op_rows if r["mode"] == "fwd"], ceilings, f"convnext_fast on {where}")
+        out.line(f"wrote {args.plot}")
     bad = [r for r in results if r.max_err_vs_timm is not None and r.max_err_vs_timm > args.max_err]
     if bad:
-        console.print(f"[red]parity failed[/red]: {', '.join(r.provider for r in bad)} differ from timm "
-                      f"by more than {args.max_err:g} of max |logit|")
+        out.line(f"parity failed: {', '.join(r.provider for r in bad)} differ from timm "
+                 f"by more than {args.max_err:g} of max |logit|", style="red")
         return 1
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .backends import order
+    from .plot import add_arguments as add_plot_arguments
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m convnext_fast")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device, extension build, op x backend availability")
-    b = sub.add_parser("bench", help="ConvNeXt inference: convnext_fast vs timm eager vs torch.compile")
+    b = sub.add_parser("bench", help="ConvNeXt: convnext_fast vs timm eager vs torch.compile; the ops per backend")
     b.add_argument("--model", default="convnext_tiny")
     b.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if visible")
     b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -154,22 +269,43 @@ def main(argv=None) -> int:
                    help="inference, or a training step (forward + backward)")
     b.add_argument("--providers", nargs="+", default=None, metavar="P",
                    help="default: timm timm_patched convnext_fast timm_compile; also convnext_fast:<backend>")
+    b.add_argument("--ops", action="store_true",
+                   help="instead of the model: each op per backend, forward and forward + backward, at the "
+                        "ConvNeXt-T stage shapes (scaled to --resolution) and the largest --batch")
+    b.add_argument("--ceilings", action="store_true",
+                   help="instead of the model: the copy bandwidth and the matmul rate in --dtype")
+    b.add_argument("--write-backend-order", nargs="?", const=order.PATH, default=None, metavar="JSON",
+                   help="with --ops: merge the measured backend order (per op, device, dtype, forward or "
+                        "training; fastest summed over the stages first) into JSON (default: the file the selection "
+                        "reads, convnext_fast/backends/backend_order.json)")
     b.add_argument("--json", default=None, help="write results and environment to this file")
     b.add_argument("--plot", default=None, metavar="PNG",
                    help="also time the ops and the ceilings, and draw speedup vs batch + a roofline here")
     b.add_argument("--max-err", type=float, default=None,
                    help="parity bound on max |logit diff| / max |logit| (default: 1e-4 fp32, 5e-2 bf16/fp16)")
+    add_plot_arguments(sub.add_parser("plot", help="draw a pytest-benchmark JSON of benchmarks/"))
     args = parser.parse_args(argv)
-    if args.cmd == "info":
-        return _info(args)
-    from .bench import PROVIDERS
+    args.argv = argv
+    if args.cmd == "plot":
+        from .plot import plot_suite
 
-    unknown = [p for p in args.providers or [] if p not in PROVIDERS]
-    if unknown:
-        parser.error(f"unknown provider(s) {unknown}; expected some of {list(PROVIDERS)}")
-    if args.max_err is None:
-        args.max_err = 1e-4 if args.dtype == "fp32" else 5e-2
-    return _bench(args)
+        return plot_suite(args)
+    out = _Out()
+    try:
+        if args.cmd == "info":
+            return _info(args, out)
+        from .bench import PROVIDERS
+
+        unknown = [p for p in args.providers or [] if p not in PROVIDERS]
+        if unknown:
+            parser.error(f"unknown provider(s) {unknown}; expected some of {list(PROVIDERS)}")
+        if args.write_backend_order and not args.ops:
+            parser.error("--write-backend-order needs --ops (the order is measured on the ops)")
+        if args.max_err is None:
+            args.max_err = 1e-4 if args.dtype == "fp32" else 5e-2
+        return _bench(args, out)
+    finally:
+        out.close()
 
 
 if __name__ == "__main__":

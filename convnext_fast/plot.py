@@ -1,4 +1,4 @@
-"""Pictures of benchmark results (matplotlib, imported on use).
+"""Pictures of benchmark results (matplotlib, imported on use: ``pip install 'convnext_fast[bench]'``).
 
 - :func:`speedup_vs_batch`: whole-model speedup over timm eager against batch size, one line per
   provider, one panel per (model, mode, dtype).
@@ -6,13 +6,17 @@
   (FLOP/byte), under the two measured ceilings (copy bandwidth, matmul rate).
 
 Both take plain records, so ``python -m convnext_fast bench --plot`` and
-``benchmarks/plot.py`` (pytest-benchmark JSON) draw the same figures.
+``python -m convnext_fast plot`` (a pytest-benchmark JSON of ``benchmarks/``, through
+:func:`from_pytest_benchmark`) draw the same figures.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+import argparse
+import json
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["speedup_vs_batch", "roofline", "save_figure"]
+__all__ = ["speedup_vs_batch", "roofline", "save_figure", "from_pytest_benchmark", "load_ceilings",
+           "add_arguments", "plot_suite"]
 
 
 def _plt():
@@ -96,3 +100,43 @@ def save_figure(path: str, model_panels: Sequence[tuple], op_points: Sequence[Di
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def from_pytest_benchmark(record: Dict, op_mode: str = "fwd") -> Tuple[List[tuple], List[Dict], str]:
+    """(model panels, op points, title) of a pytest-benchmark JSON of ``benchmarks/``: a panel per
+    (model, mode, dtype), the ops of ``op_mode`` but torch.compile, timings as median ms."""
+    from .bench import describe_environment
+
+    panels: Dict[str, List[Dict]] = {}
+    ops = []
+    for bench in record["benchmarks"]:
+        info = dict(bench["extra_info"], ms=bench["stats"]["median"] * 1e3)
+        if info.get("kind") == "model":
+            panels.setdefault(f"{info['model']} {info['mode']} {info['dtype']}", []).append(info)
+        elif info.get("kind") == "op" and info.get("mode") == op_mode and info["provider"] != "torch_compile":
+            ops.append(dict(info, label=f"{info['op']} {info['provider']}"))
+    env = record.get("machine_info", {}).get("convnext_fast", {})
+    return sorted(panels.items()), ops, f"convnext_fast on {describe_environment(env)}"
+
+
+def load_ceilings(path: str) -> Dict:
+    """The ceilings in a JSON of ``python -m convnext_fast bench --ceilings --json``."""
+    with open(path) as f:
+        return json.load(f)["ceilings"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json) of benchmarks/")
+    parser.add_argument("--ceilings", default=None,
+                        help="JSON of python -m convnext_fast bench --ceilings --json (or --plot --json)")
+    parser.add_argument("--mode", default="fwd", help="op mode on the roofline: fwd or fwd+bwd")
+    parser.add_argument("-o", "--output", default="bench.png")
+
+
+def plot_suite(args: argparse.Namespace) -> int:
+    """``python -m convnext_fast plot``: one PNG of a pytest-benchmark JSON (see :func:`add_arguments`)."""
+    with open(args.json) as f:
+        panels, ops, title = from_pytest_benchmark(json.load(f), args.mode)
+    save_figure(args.output, panels, ops, load_ceilings(args.ceilings) if args.ceilings else None, title)
+    print(f"wrote {args.output}")
+    return 0
