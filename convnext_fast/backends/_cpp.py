@@ -41,7 +41,8 @@ def _kernel_reasons() -> Dict[str, Reason]:
         if dev == "cuda" and not _ext.has_cuda_kernels():
             reasons[f"{op}:{dev}"] = "convnext_fast._C was built without CUDA kernels"
         elif dev == "cuda" and not _ext.cuda_limits():
-            reasons[f"{op}:{dev}"] = "convnext_fast._C does not report its CUDA limits (an old build: rebuild it)"
+            reasons[f"{op}:{dev}"] = ("convnext_fast._C does not report its CUDA limits "
+                                      "(an old build: rebuild it)")
         elif not _has_kernel(op, dev):
             reasons[f"{op}:{dev}"] = (f"convnext_fast._C has no {_KEYS[dev]} kernel for {op} "
                                       "(an old build: rebuild the extension)")
@@ -102,12 +103,12 @@ def _dwconv_ln_cuda_supports(x, conv_weight, **_) -> Reason:
 
 def _dwconv_ln_bwd(args):
     if _HAS_BWD.get(args["x"].device.type, False):
-        return torch.ops.convnext_fast.dwconv_ln_bwd(**args)
+        return torch.ops.convnext_fast.dwconv_ln_bwd(*args.values())
     return reference.dwconv_ln_bwd(**args)
 
 
 def _mlp_bwd(args):
-    return torch.ops.convnext_fast.mlp_bwd(**args)
+    return torch.ops.convnext_fast.mlp_bwd(*args.values())
 
 
 def _register_op(op: str, call_backward) -> None:
@@ -127,11 +128,12 @@ def _available(op: str, device: str):
 
 
 def _dwconv_ln(**args):
-    return torch.ops.convnext_fast.dwconv_ln(**args)[0]  # y; mean and rstd are for the backward
+    # y; mean and rstd are kept for the backward by the op's autograd
+    return torch.ops.convnext_fast.dwconv_ln(*args.values())[0]
 
 
 def _mlp(**args):
-    return torch.ops.convnext_fast.mlp(**args)
+    return torch.ops.convnext_fast.mlp(*args.values())
 
 
 for _op, _bwd in (("dwconv_ln", _dwconv_ln_bwd), ("mlp", _mlp_bwd)):

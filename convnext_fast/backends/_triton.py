@@ -131,15 +131,16 @@ def _define(op: str) -> None:
 
 
 def _dwconv_ln(**args):
-    return torch.ops.convnext_fast.dwconv_ln_triton(**args)[0]  # y; mean and rstd: the backward's
+    # y; mean and rstd are kept for the backward by the op's autograd
+    return torch.ops.convnext_fast.dwconv_ln_triton(*args.values())[0]
 
 
 def _mlp(**args):
-    return torch.ops.convnext_fast.mlp_triton(**args)
+    return torch.ops.convnext_fast.mlp_triton(*args.values())
 
 
 def _mlp_grn(**args):
-    return torch.ops.convnext_fast.mlp_grn_triton(**args)
+    return torch.ops.convnext_fast.mlp_grn_triton(*args.values())
 
 
 _DEFINE_ERROR = _definition_error()

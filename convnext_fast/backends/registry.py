@@ -59,7 +59,11 @@ def _any_call(**args) -> Reason:
 
 @dataclass(frozen=True)
 class Impl:
-    """One backend's implementation of one op; every callable takes the op's arguments by name."""
+    """One backend's implementation of one op; every callable takes the op's arguments by name.
+
+    The arguments arrive in the order of the op's spec, so ``fn`` may pass ``args.values()`` on
+    positionally (a dispatcher call with keywords costs ~2 us more at batch 1).
+    """
 
     fn: Callable[..., torch.Tensor]
     available: Callable[[], Reason] = _always

@@ -6,7 +6,8 @@ from ._front import make_op
 
 __all__ = ["dwconv_ln", "mlp", "mlp_grn"]
 
-dwconv_ln = make_op(SPECS["dwconv_ln"], """y = LayerNorm_C(dwconv_kxk(x) + conv_bias), 'same' padding, stride 1.
+dwconv_ln = make_op(SPECS["dwconv_ln"], """y = LayerNorm_C(dwconv_kxk(x) + conv_bias), 'same' padding,
+    stride 1.
 
     x: [N, C, H, W] (NCHW-contiguous input is converted to channels-last once, here);
     conv_weight: [C, 1, k, k], odd k; conv_bias: [C] or None; ln_weight, ln_bias: [C], all with
@@ -23,7 +24,8 @@ mlp = make_op(SPECS["mlp"], """out = residual + gamma * fc2(gelu_erf(fc1(y))) pe
     under ``torch.autocast``, which casts every tensor first).
     """)
 
-mlp_grn = make_op(SPECS["mlp_grn"], """out = residual + fc2(GRN(gelu_erf(fc1(y)))) with GRN over H*W per image and channel.
+mlp_grn = make_op(SPECS["mlp_grn"], """out = residual + fc2(GRN(gelu_erf(fc1(y)))), GRN over H*W per
+    image and channel.
 
     y: [N, C, H, W]; fc1_weight: [D, C]; fc1_bias: [D] or None; grn_weight, grn_bias: [D];
     fc2_weight: [C, D]; fc2_bias: [C] or None; residual: [N, C, H, W] or None. Returns
