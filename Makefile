@@ -1,8 +1,9 @@
 # One-command set-up on a fresh machine: each target installs what it needs first.
 #   make test        install, build the extension in place, run the test suite (+ benchmark smoke)
 #   make bench       install, build, benchmark ConvNeXt-T: convnext_fast vs timm eager vs torch.compile
-#   make gpu-check   on a GPU machine (no network): build in place, whole suite on the GPU, benchmarks,
-#                    logs + JSON to benchmarks/results/ and to $$OUT when set
+#   make gpu-check   on a GPU machine (no network), at most 9 minutes: build in place, the GPU checks,
+#                    sanitizer, ceilings, op and model tables; log + record to $$OUT (when set) and
+#                    benchmarks/results/. GPU_CHECK_DRY=1: the same steps on this CPU at tiny shapes
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # The CPU-only torch 2.13 on this machine kind breaks timm's torchvision import: pin the pair.
@@ -27,8 +28,8 @@ test: install
 bench: install
 	$(PYTHON) -m convnext_fast bench $(BENCH_ARGS)
 
-gpu-check: build
-	bash benchmarks/gpu_check.sh
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(if $(GPU_CHECK_DRY),--dry-run)
 
 clean:
 	rm -rf build *.egg-info convnext_fast/_C*.so .benchmarks

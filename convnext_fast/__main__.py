@@ -131,19 +131,23 @@ def _info(_args, out: _Out) -> int:
               [[op, *(row[b] for b in backends.BACKENDS)] for op, row in cells.items()])
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out.line("order records for: " + ", ".join(f"{dev} {order.device_kind(dev) or '(kind unknown)'}"
+                                               for dev in devices)
+             + f" (newest entry for the kind, else the shipped default; {order.PATH})")
     rows = []
     for dev in devices:
+        device = torch.device(dev)
         for dt in (torch.float32, torch.bfloat16):
             for training in (False, True):
                 for op in OPS:
                     args = probe_inputs(op, dev, dt, requires_grad=training)
                     try:
-                        name, _ = backends.select(op, torch.device(dev), "auto", args)
+                        name, _ = backends.select(op, device, "auto", args)
                         skipped = "; ".join(f"{b}: {r}" for b, r in backends.last_selections()[op][1])
                     except backends.BackendError as e:
                         name, skipped = "none", str(e)
                     rows.append([dev, str(dt).replace("torch.", ""), "training" if training else "inference",
-                                 op, name, order.source(op, dev, dt, training), skipped or "-"])
+                                 op, name, order.source(op, device, dt, training), skipped or "-"])
     out.table("automatic choice (ConvNeXt-T stage-3 shape, batch 2)",
               ["device", "dtype", "mode", "op", "backend", "order from", "skipped"], rows)
     return 0

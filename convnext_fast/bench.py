@@ -341,12 +341,21 @@ def stage_sums(rows: Sequence[Mapping], stages: Sequence[Tuple[int, int, int]] =
 def backend_order_entries(rows: Sequence[Mapping], env: Mapping[str, object], source: str,
                           stages: Sequence[Tuple[int, int, int]] = STAGES) -> List[dict]:
     """Entries of :mod:`convnext_fast.backends.order` from op timings: per (op, device type, dtype,
-    training) the backends fastest first by :func:`stage_sums`.
+    training) the backends fastest first by :func:`stage_sums`, each stamped with the ``kind`` of the
+    device measured (from ``env``'s capability on CUDA, :func:`~convnext_fast.backends.order.cpu_kind`
+    of this machine on the CPU; an entry whose kind is unknown has none, so it becomes the default).
 
     rows: dicts with op, backend, mode, device, dtype, shape [N, C, H, W] and ms (the rows of
     :func:`bench_ops`). A backend that ran only some stages goes after those that ran them all; a
     case no backend ran at every stage gets no entry.
     """
+    from .backends import order as backend_order
+
+    def kind(device: str) -> str:
+        if device == "cuda":
+            return backend_order.cuda_kind(str(env["capability"])) if env.get("capability") else ""
+        return backend_order.device_kind(device)
+
     cases: Dict[tuple, Dict[str, Tuple[float, bool]]] = {}
     for (op, device, dtype, mode, backend), total in stage_sums(rows, stages).items():
         if backend != "torch_compile":
@@ -354,6 +363,8 @@ def backend_order_entries(rows: Sequence[Mapping], env: Mapping[str, object], so
     batch = {r["shape"][0] for r in rows}
     measured = {"device": device_name(env), "torch": env.get("torch"), "triton": env.get("triton"),
                 "commit": env.get("commit"), "source": source}
+    if env.get("capability"):
+        measured["capability"] = env["capability"]
     entries = []
     for (op, device, dtype, training), totals in sorted(cases.items()):
         order = sorted(totals, key=lambda b: (not totals[b][1], totals[b][0]))
@@ -365,9 +376,12 @@ def backend_order_entries(rows: Sequence[Mapping], env: Mapping[str, object], so
                 f"{'forward + backward' if training else 'forward'}")
         if partial:
             what += f"; {', '.join(partial)} ran only some stages (sum over those)"
-        entries.append({"op": op, "device": device, "dtype": dtype, "training": training, "order": order,
-                        "ms": {b: float(f"{totals[b][0]:.3g}") for b in order}, "what": what,
-                        "measured": dict(measured)})
+        entry = {"op": op, "device": device, "dtype": dtype, "training": training, "order": order,
+                 "ms": {b: float(f"{totals[b][0]:.3g}") for b in order}, "what": what,
+                 "measured": dict(measured)}
+        if kind(device):
+            entry["kind"] = kind(device)
+        entries.append(entry)
     return entries
 
 

@@ -11,8 +11,9 @@ Selection, highest first:
 1. an explicit ``backend=`` argument to the op,
 2. the innermost :func:`use_backend` context (one backend for every op, or a mapping op -> backend),
 3. the ``CONVNEXT_FAST_BACKEND`` environment variable,
-4. automatic: the first backend in :func:`auto_order` for the op, device type, dtype and mode that
-   is available and supports the call (the measured order of :mod:`convnext_fast.backends.order`).
+4. automatic: the first backend in :func:`auto_order` for the op, device (its kind: CUDA
+   capability, CPU ISA), dtype and mode that is available and supports the call (the measured
+   order of :mod:`convnext_fast.backends.order`).
 
 An explicit choice (1-3) that cannot run raises :class:`BackendError` with the reason. Automatic
 selection never raises while ``torch`` can run; the backend it picked and the ones it skipped (with
@@ -162,10 +163,11 @@ def use_backend(name: Union[str, Mapping[str, str]]) -> Iterator[None]:
         _CONTEXT.pop()
 
 
-def auto_order(op: str, device_type: str, dtype: Optional[torch.dtype], training: bool = False
-               ) -> Tuple[str, ...]:
-    """Backends tried, in order, when nothing is requested (see :mod:`.order`)."""
-    return order.auto_order(op, device_type, dtype, training)
+def auto_order(op: str, device: Union[torch.device, str], dtype: Optional[torch.dtype],
+               training: bool = False) -> Tuple[str, ...]:
+    """Backends tried, in order, when nothing is requested: the measured order for the device's
+    kind (CUDA capability, CPU ISA), else the device type's default (see :mod:`.order`)."""
+    return order.auto_order(op, device, dtype, training)
 
 
 def select(op: str, device: torch.device, backend: Optional[str], args: Mapping[str, object]
@@ -183,7 +185,7 @@ def select(op: str, device: torch.device, backend: Optional[str], args: Mapping[
     dtype = next((a.dtype for a in args.values() if isinstance(a, torch.Tensor)), None)
     training = torch.is_grad_enabled() and any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in args.values())
-    for candidate in auto_order(op, device.type, dtype, training):
+    for candidate in auto_order(op, device, dtype, training):
         reason = why_not(op, candidate, args)
         if reason is None:
             if not torch.compiler.is_compiling():
