@@ -33,8 +33,8 @@ Record format (``"format": 1``)::
         "dtype": "bf16" | "fp16" | "fp32", "N", "C", "H", "W",
         "provider": "cuda" | "triton" | "torch" | "torch_compile" | "cpu", "ms", "roofline_ms"},
        {"kind": "model", "model", "dtype", "batch", "mode": "infer" | "train",
-        "provider": "timm_eager" | "timm_compile" | "convnext_fast", "img_s", "peak_mem_mb",
-        "max_err_vs_timm"},
+        "provider": "timm_eager" | "timm_compile" | "convnext_fast" | "convnext_fast_compile",
+        "img_s", "peak_mem_mb", "max_err_vs_timm"},
        {"kind": "parity", "op" | "model", "provider", "dtype", "shape", "max_err", "ok"}]}
 
 ``roofline_ms`` is the larger of bytes / copy bandwidth and FLOPs / the compute ceiling that binds
@@ -354,10 +354,12 @@ def step_models(record: str, dry: bool, deadline: float) -> None:
     from convnext_fast import bench
 
     device = _device(dry)
-    names = {"timm": "timm_eager", "timm_compile": "timm_compile", "convnext_fast": "convnext_fast"}
+    names = {"timm": "timm_eager", "timm_compile": "timm_compile", "convnext_fast": "convnext_fast",
+             "convnext_fast_compile": "convnext_fast_compile"}
     if dry:
-        del names["timm_compile"]
-        _note(record, "models", "dry run: timm_compile left out (compiling a model takes a minute on a CPU)")
+        del names["timm_compile"], names["convnext_fast_compile"]
+        _note(record, "models", "dry run: the compiled providers left out (compiling a model takes a "
+                                "minute on a CPU)")
         cases = [("convnext_atto", 1, "inference"), ("convnextv2_atto", 1, "train")]
     else:
         cases = [(m, b, mode) for m in ("convnext_tiny", "convnextv2_tiny") for mode in ("inference", "train")

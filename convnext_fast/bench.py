@@ -410,7 +410,7 @@ class ModelResult:
     resolution: int
     ms: float  # median
     img_per_s: float
-    mode: str = "inference"  # or "train": forward + backward of a mean-of-logits loss
+    mode: str = "inference"  # or "train": forward, backward of the mean logit, an AdamW step
     max_err_vs_timm: Optional[float] = None  # max |logit diff| / max |timm logit|
     speedup_vs_eager: Optional[float] = None
     speedup_vs_compile: Optional[float] = None
@@ -421,8 +421,9 @@ class ModelResult:
 
 # "timm": eager timm; "timm_compile": torch.compile of it; "timm_patched": the same timm model
 # after convnext_fast.patch_timm; "convnext_fast": the native model, automatic backends;
-# "convnext_fast:<backend>": the native model with every op that backend has forced onto it.
-PROVIDERS = ("timm", "timm_compile", "timm_patched", "convnext_fast",
+# "convnext_fast_compile": torch.compile of it; "convnext_fast:<backend>": the native model with
+# every op that backend has forced onto it.
+PROVIDERS = ("timm", "timm_compile", "timm_patched", "convnext_fast", "convnext_fast_compile",
              *(f"convnext_fast:{b}" for b in ("torch", "cpu", "cuda", "triton")))
 
 
@@ -478,8 +479,10 @@ def make_runner(provider: str, ref: torch.nn.Module, x: torch.Tensor, mode: str 
                 compile_mode: Optional[str] = None) -> Callable[[], torch.Tensor]:
     """A zero-argument callable running one inference or training step of ``provider``.
 
-    ref: the timm model (shared by "timm" and "timm_compile"; the other providers copy it), on
-    x's device and dtype. Returns the logits (training: after backward of their mean).
+    ref: the timm model (used as it is by "timm" and "timm_compile" for inference; every other
+    case works on a copy, so a training step never changes ``ref``), on x's device and dtype.
+    A training step is forward, backward of the mean logit and an AdamW step. Returns the logits
+    (computed before the optimizer step).
     """
     import copy
 
@@ -487,7 +490,7 @@ def make_runner(provider: str, ref: torch.nn.Module, x: torch.Tensor, mode: str 
 
     training = mode == "train"
     if provider in ("timm", "timm_compile"):
-        model = ref
+        model = copy.deepcopy(ref) if training else ref
     elif provider == "timm_patched":
         model = copy.deepcopy(ref)
         patch_timm(model)
@@ -496,7 +499,8 @@ def make_runner(provider: str, ref: torch.nn.Module, x: torch.Tensor, mode: str 
         # downsample convs a weight reorder per call (the trunk is NHWC).
         model = from_timm(ref).to(memory_format=torch.channels_last)
     model.train(training)
-    if provider == "timm_compile":
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if training else None
+    if provider in ("timm_compile", "convnext_fast_compile"):
         model = torch.compile(model, mode=compile_mode or ("max-autotune" if x.is_cuda else None))
     mapping = _backend_ops(provider.split(":")[1]) if ":" in provider else None
 
@@ -506,10 +510,10 @@ def make_runner(provider: str, ref: torch.nn.Module, x: torch.Tensor, mode: str 
             if not training:
                 with torch.inference_mode():
                     return model(x)
-            for p in model.parameters():
-                p.grad = None
+            opt.zero_grad(set_to_none=True)
             out = model(x)
             out.float().mean().backward()
+            opt.step()
             return out.detach()
 
     return step
