@@ -145,42 +145,43 @@ def _stage_cases(dry: bool):
 
 
 def step_checks(record: str, dry: bool) -> None:
-    """Parity of every op x backend x dtype, forward and backward, at the stage shapes; model
-    parity against timm; then the compile / CUDA-graph / determinism tests."""
-    import torch
-
+    """Parity of every op x backend x dtype, forward and backward, at the stage shapes (bf16
+    first: what the model runs in); model parity against timm; then the compile / CUDA-graph /
+    determinism tests. Rows are recorded as they come: a step stopped at its limit keeps them."""
     from convnext_fast import backends, bench
     from convnext_fast.specs import FORWARD_OPS, SPECS
 
     device = _device(dry)
-    rows, failed = [], []
-    for op in FORWARD_OPS:
-        for provider in backends.registered(op):
-            for dtype in ("fp32", "bf16", "fp16"):
+    failed = []
+
+    def record_rows(rows):
+        _update(record, rows=rows)
+        for r in rows:
+            print("parity", "ok  " if r["ok"] else "FAIL", r.get("op", r.get("model")), r["provider"],
+                  r["dtype"], r["shape"], f"{r['max_err']:.2e}", flush=True)
+            if not r["ok"]:
+                failed.append(f"{r.get('op', r.get('model'))} {r['provider']} {r['dtype']} {r['shape']}")
+
+    for dtype in ("bf16", "fp32", "fp16"):
+        for op in FORWARD_OPS:
+            for provider in backends.registered(op):
+                rows = []
                 for N, C, H in _stage_cases(dry):
                     args = bench.op_inputs(op, device, dtype, N, C, H, requires_grad=True)
-                    if backends.why_not(op, provider, args) is not None:
-                        continue
-                    err, ok = _op_parity(op, provider, args, SPECS[op].reference)
-                    rows.append({"kind": "parity", "op": op, "provider": provider, "dtype": dtype,
-                                 "shape": [N, C, H, H], "max_err": err, "ok": ok})
-                    if not ok:
-                        failed.append(f"{op} {provider} {dtype} C={C}")
+                    if backends.why_not(op, provider, args) is None:
+                        err, ok = _op_parity(op, provider, args, SPECS[op].reference)
+                        rows.append({"kind": "parity", "op": op, "provider": provider, "dtype": dtype,
+                                     "shape": [N, C, H, H], "max_err": err, "ok": ok})
+                record_rows(rows)
+    res_px = 32 if dry else 224
     for model in ("convnext_atto", "convnextv2_atto") if dry else ("convnext_tiny", "convnextv2_tiny"):
         for dtype in ("fp32", "bf16"):
-            res = bench.bench_model(model, device, dtype, batch=2, resolution=32 if dry else 224,
-                                    warmup=0, iters=1, providers=("timm", "convnext_fast"))
-            ours = next(r for r in res if r.provider == "convnext_fast")
-            ok = ours.max_err_vs_timm <= (1e-4 if dtype == "fp32" else 3e-2)
-            rows.append({"kind": "parity", "model": model, "provider": "convnext_fast", "dtype": dtype,
-                         "shape": [2, 3, 32 if dry else 224, 32 if dry else 224],
-                         "max_err": ours.max_err_vs_timm, "ok": ok})
-            if not ok:
-                failed.append(f"{model} {dtype}")
-    _update(record, rows=rows)
-    for r in rows:
-        print("parity", "ok  " if r["ok"] else "FAIL", r.get("op", r.get("model")), r["provider"],
-              r["dtype"], r["shape"], f"{r['max_err']:.2e}")
+            res = bench.bench_model(model, device, dtype, batch=2, resolution=res_px, warmup=0, iters=1,
+                                    providers=("timm", "convnext_fast"))
+            err = next(r for r in res if r.provider == "convnext_fast").max_err_vs_timm
+            record_rows([{"kind": "parity", "model": model, "provider": "convnext_fast", "dtype": dtype,
+                          "shape": [2, 3, res_px, res_px], "max_err": err,
+                          "ok": err <= (1e-4 if dtype == "fp32" else 3e-2)}])
     tests = (["tests/test_determinism.py::test_rerun_gives_the_same_bits"] if dry else
              ["tests/test_determinism.py", "tests/models/test_compile.py"])
     code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
@@ -298,7 +299,8 @@ def step_ceilings(record: str, dry: bool) -> None:
 def _roofline_ms(op: str, dtype: str, flops: float, nbytes: float, ceilings: dict) -> Optional[float]:
     if not ceilings:
         return None
-    rate = ceilings["fp32_fma_TFLOPs"] if op == "dwconv_ln" or dtype == "fp32" else ceilings["bf16_matmul_TFLOPs"]
+    fma = op == "dwconv_ln" or dtype == "fp32"
+    rate = ceilings["fp32_fma_TFLOPs"] if fma else ceilings["bf16_matmul_TFLOPs"]
     return max(nbytes / (ceilings["copy_GBps"] * 1e9), flops / (rate * 1e12)) * 1e3
 
 
@@ -350,39 +352,45 @@ def _op_row(r: dict, ceilings: dict) -> dict:
 
 
 def step_models(record: str, dry: bool, deadline: float) -> None:
-    """The model table in order of importance, each case only while it fits the deadline."""
+    """The model table: every case eager first (timm and convnext_fast: seconds each), then the
+    compiled providers (a minute of compiling each) case by case in order of importance, each only
+    while it fits the deadline."""
     from convnext_fast import bench
 
     device = _device(dry)
-    names = {"timm": "timm_eager", "timm_compile": "timm_compile", "convnext_fast": "convnext_fast",
+    names = {"timm": "timm_eager", "convnext_fast": "convnext_fast", "timm_compile": "timm_compile",
              "convnext_fast_compile": "convnext_fast_compile"}
     if dry:
-        del names["timm_compile"], names["convnext_fast_compile"]
+        cases = [("convnext_atto", 1, "inference"), ("convnextv2_atto", 1, "train")]
+        phases = [("timm", "convnext_fast")]
         _note(record, "models", "dry run: the compiled providers left out (compiling a model takes a "
                                 "minute on a CPU)")
-        cases = [("convnext_atto", 1, "inference"), ("convnextv2_atto", 1, "train")]
     else:
-        cases = [(m, b, mode) for m in ("convnext_tiny", "convnextv2_tiny") for mode in ("inference", "train")
-                 for b in (256, 64, 1)]
-    last = 0.0
-    for model, batch, mode in cases:
-        left = deadline - time.time()
-        if left < 1.5 * last:
-            print(f"SKIP model {model} batch {batch} {mode}: {left:.0f} s left, the last case took {last:.0f} s")
-            continue
-        t0 = time.time()
-        res = bench.bench_model(model, device, "bf16", batch, resolution=32 if dry else 224,
-                                warmup=1 if dry else 3, iters=2 if dry else 10,
-                                providers=tuple(names), compile_mode="default", mode=mode,
-                                progress=print)  # max-autotune compiles take many minutes
-        rows = [{"kind": "model", "model": model, "dtype": "bf16", "batch": batch,
-                 "mode": "infer" if mode == "inference" else "train", "provider": names[r.provider],
-                 "img_s": r.img_per_s, "peak_mem_mb": r.peak_mem_mb, "max_err_vs_timm": r.max_err_vs_timm}
-                for r in res]
-        _update(record, rows=rows)
-        for r in rows:
-            print(f"{model} b{batch} {mode} {r['provider']}: {r['img_s']:.1f} img/s")
-        last = time.time() - t0
+        cases = [(m, b, mode) for m in ("convnext_tiny", "convnextv2_tiny") for b in (256, 64, 1)
+                 for mode in ("inference", "train")]
+        phases = [("timm", "convnext_fast"), ("timm_compile", "convnext_fast_compile")]
+    for providers in phases:
+        last = 0.0
+        for model, batch, mode in cases:
+            left = deadline - time.time()
+            if left < 1.5 * last + 5:
+                _note(record, f"models {'+'.join(providers)}",
+                      f"skipped from {model} batch {batch} {mode} on: {left:.0f} s left, "
+                      f"a case takes ~{last:.0f} s")
+                break
+            t0 = time.time()
+            res = bench.bench_model(model, device, "bf16", batch, resolution=32 if dry else 224,
+                                    warmup=1 if dry else 3, iters=2 if dry else 10, providers=providers,
+                                    compile_mode="default", mode=mode,  # max-autotune: many minutes
+                                    progress=print)
+            rows = [{"kind": "model", "model": model, "dtype": "bf16", "batch": batch,
+                     "mode": "infer" if mode == "inference" else "train", "provider": names[r.provider],
+                     "img_s": r.img_per_s, "peak_mem_mb": r.peak_mem_mb,
+                     "max_err_vs_timm": r.max_err_vs_timm} for r in res]
+            _update(record, rows=rows)
+            for r in rows:
+                print(f"{model} b{batch} {mode} {r['provider']}: {r['img_s']:.1f} img/s", flush=True)
+            last = time.time() - t0
 
 
 STEP_FNS: Dict[str, Callable] = {
@@ -447,7 +455,8 @@ def run(out_dir: str, budget: float, dry: bool) -> int:
         steps = _read(record)["header"]["steps"]
         _update(record, header={"steps": {**steps, name: result}})
     header = _read(record)["header"]
-    final = os.path.join(out_dir, f"{_slug(str(header.get('device', 'cpu')))}_{header.get('commit', 'unknown')}.json")
+    name = f"{_slug(str(header.get('device', 'cpu')))}_{header.get('commit', 'unknown')}.json"
+    final = os.path.join(out_dir, name)
     shutil.copyfile(record, final)
     if not dry and os.path.abspath(out_dir) != os.path.abspath(RESULTS):
         shutil.copy(final, RESULTS)
@@ -458,7 +467,8 @@ def run(out_dir: str, budget: float, dry: bool) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(RESULTS, "gpu_check"),
-                        help="where the log and the record go (default: $OUT, else benchmarks/results/gpu_check)")
+                        help="where the log and the record go (default: $OUT, else "
+                             "benchmarks/results/gpu_check)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole run (default 540; dry run: twice the sum of its "
                              "step budgets, ~90 s of work)")
