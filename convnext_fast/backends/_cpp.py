@@ -11,7 +11,7 @@ device, else the fp32 composite :func:`convnext_fast.reference.dwconv_ln_bwd`. `
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
@@ -142,8 +142,3 @@ for _op, _bwd in (("dwconv_ln", _dwconv_ln_bwd), ("mlp", _mlp_bwd)):
 register("dwconv_ln", "cpu", Impl(_dwconv_ln, _available("dwconv_ln", "cpu"), _cpu_supports("dwconv_ln")))
 register("dwconv_ln", "cuda", Impl(_dwconv_ln, _available("dwconv_ln", "cuda"), _dwconv_ln_cuda_supports))
 register("mlp", "cpu", Impl(_mlp, _available("mlp", "cpu"), _cpu_supports("mlp")))
-
-
-def limits() -> Optional[dict]:
-    """The CUDA dwconv_ln kernels' limits as the extension reports them (None without it)."""
-    return dict(_LIMITS) if _LIMITS else None

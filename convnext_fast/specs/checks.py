@@ -79,15 +79,15 @@ def check_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps) -> None:
     check_tensor(op, "ln_bias", ln_bias, (C,), x)
 
 
-def _check_mlp_common(op: str, y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual) -> bool:
-    """Checks of the arguments ``mlp`` and ``mlp_grn`` share; True when all are valid at once."""
+def _check_mlp_common(op: str, y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual) -> None:
+    """Checks of the arguments ``mlp`` and ``mlp_grn`` share."""
     if _is_input(y) and isinstance(fc1_weight, torch.Tensor) and fc1_weight.dim() == 2:
         dt, dev, C, D = y.dtype, y.device, y.shape[1], fc1_weight.shape[0]
         if (_fits(fc1_weight, (D, C), dt, dev) and _fits(fc2_weight, (C, D), dt, dev)
                 and (fc1_bias is None or _fits(fc1_bias, (D,), dt, dev))
                 and (fc2_bias is None or _fits(fc2_bias, (C,), dt, dev))
                 and (residual is None or _fits(residual, y.shape, dt, dev))):
-            return True
+            return
     check_input(op, "y", y)
     C = y.shape[1]
     check_tensor(op, "fc1_weight", fc1_weight, (None, C), y)
@@ -96,7 +96,6 @@ def _check_mlp_common(op: str, y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, re
     check_tensor(op, "fc2_weight", fc2_weight, (C, D), y)
     check_tensor(op, "fc2_bias", fc2_bias, (C,), y, optional=True)
     check_tensor(op, "residual", residual, tuple(y.shape), y, optional=True)
-    return False
 
 
 def check_mlp(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual) -> None:
