@@ -20,7 +20,9 @@ from convnext_fast.testing import assert_fp32, assert_parity
 OPS = FORWARD_OPS
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="no CUDA device visible")
-_DEVICES = {"torch": ("cpu",), "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cpu", "cuda")}
+# Backends with no backward (inference only): the fwd+bwd edge-case tests run their forward.
+INFERENCE_ONLY = frozenset({"onednn"})
+_DEVICES = {"torch": ("cpu",), "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cpu", "cuda"), "onednn": ("cpu",)}
 # tensor argument names, in the ops' positional order (the scalar eps comes last)
 ARG_NAMES = {op: tuple(n for n in SPECS[op].names if n not in SPECS[op].scalars) for op in OPS}
 

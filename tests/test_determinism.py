@@ -8,7 +8,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/_cases.py (--import-mode=importlib adds none)
-from _cases import ARG_NAMES, call, inputs, leaves, op_backend_params, skip_unless_runs  # noqa: E402
+from _cases import (ARG_NAMES, INFERENCE_ONLY, call, inputs, leaves, op_backend_params,  # noqa: E402
+                    skip_unless_runs)
 
 
 @pytest.fixture
@@ -32,7 +33,11 @@ def _shape(backend):
 
 
 def _run(op, backend, args, grad_out):
-    """(output, gradients of every tensor argument) of one forward + backward."""
+    """(output, gradients of every tensor argument) of one forward + backward (the forward alone
+    on an inference-only backend)."""
+    if backend in INFERENCE_ONLY:
+        with torch.no_grad():
+            return call(op, args, backend), []
     live = leaves(args)
     out = call(op, live, backend)
     out.backward(grad_out)

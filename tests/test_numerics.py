@@ -10,11 +10,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convnext_fast import reference
+from convnext_fast import backends, reference
+from convnext_fast.specs import SPECS
 from convnext_fast.testing import assert_parity
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/_cases.py (--import-mode=importlib adds none)
-from _cases import (as64, call, check_grads, check_output, inputs, leaves,  # noqa: E402
+from _cases import (INFERENCE_ONLY, as64, call, check_grads, check_output, inputs, leaves,  # noqa: E402
                     op_backend_params, skip_unless_runs)
 
 LOWP = [torch.float16, torch.bfloat16]
@@ -79,7 +80,7 @@ def test_layernorm_statistics_are_fp32_and_exact(op, backend, device, dtype):
 # property tests
 # ------------------------------------------------------------------------------------------------
 # Examples per backend: the Triton interpreter costs ~0.05-0.3 s per forward call.
-EXAMPLES = {"torch": 30, "cpu": 60, "cuda": 60, "triton": 30}
+EXAMPLES = {"torch": 30, "cpu": 60, "cuda": 60, "triton": 30, "onednn": 60}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KERNEL_SIZES = {"triton": [1, 3, 5, 7], "cuda": [3, 5, 7]}  # interpreter time; the CUDA kernel's k
 
@@ -115,7 +116,8 @@ def _property(op, backend, device, draw_inputs):
         torch.manual_seed(data.draw(st.integers(0, 2 ** 31 - 1), label="seed"))
         args = [t.to(device) if isinstance(t, torch.Tensor) else t for t in draw_inputs(data)]
         # (dwconv_ln at C = 1: dx is an exact zero times rstd = 1/sqrt(eps), fp32 rounding noise)
-        grads = (args[0].dtype == torch.float32 and backend != "triton" and args[0].numel() > 0
+        grads = (args[0].dtype == torch.float32 and backend not in ("triton", *INFERENCE_ONLY)
+                 and args[0].numel() > 0
                  and not (op == "dwconv_ln" and args[0].shape[1] == 1))
         live = leaves(args) if grads else args
         out = call(op, live, backend)
@@ -140,12 +142,20 @@ def test_dwconv_ln_property(op, backend, device):
     _property(op, backend, device, draw)
 
 
+def _dtypes(op, backend, device):
+    """The dtypes of DTYPES that ``backend`` runs (the oneDNN MLP has no fp16)."""
+    return [d for d in DTYPES if backends.why_not(
+        op, backend, SPECS[op].bind(inputs(op, N=1, C=8, H=3, W=3, dtype=d, device=device))) is None]
+
+
 @pytest.mark.parametrize("op,backend,device", op_backend_params(["mlp", "mlp_grn"]))
 def test_mlp_property(op, backend, device):
+    dtypes = _dtypes(op, backend, device) or DTYPES
+
     def draw(data):
         N, C, H, W = _shape(data, backend)
         D = data.draw(st.integers(1, 4 * C + 8), label="D")
-        dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+        dtype = data.draw(st.sampled_from(dtypes), label="dtype")
         kw = dict(bias=data.draw(st.booleans(), label="bias"),
                   residual=data.draw(st.booleans(), label="residual"))
         if op == "mlp":

@@ -39,7 +39,7 @@ __all__ = [
     "last_selections", "clear_selections", "ops",
 ]
 
-BACKENDS = ("torch", "cpu", "cuda", "triton")
+BACKENDS = ("torch", "cpu", "cuda", "triton", "onednn")
 ENV_VAR = "CONVNEXT_FAST_BACKEND"
 
 Reason = Optional[str]

@@ -20,7 +20,10 @@ from convnext_fast.specs import SPECS  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The custom ops behind each backend: forward op, backward op (None: the backend is a composite).
-BACKEND_OPS = {"torch": None, "cpu": "{op}", "cuda": "{op}", "triton": "{op}_triton"}
+BACKEND_OPS = {"torch": None, "cpu": "{op}", "cuda": "{op}", "triton": "{op}_triton",
+               "onednn": "{op}_onednn"}
+# Inference-only backends: no autograd, no backward op.
+NO_BACKWARD = {"onednn"}
 # Under TRITON_INTERPRET=1 wrap_triton hands back the interpreted kernel itself, so fake and
 # functional tensors reach the interpreter ("Cannot access data pointer", meta storage errors):
 # test_faketensor and test_aot_dispatch_dynamic of the triton ops run on a GPU only (DESIGN.md, 6).
@@ -59,11 +62,14 @@ def test_backend_ops_opcheck(op, backend, device):
     utils = _INTERPRETED_UTILS if backend == "triton" and device == "cpu" else None
     kw = {} if utils is None else {"test_utils": utils}
     fwd, bwd = SPECS[op], SPECS[SPECS[op].backward]
+    grad = backend not in NO_BACKWARD
     for case in fwd.sample_inputs(device, torch.float32):
         skip_unless_runs(op, backend, list(case.values()))
-        inputs = {n: v.requires_grad_() if isinstance(v, torch.Tensor) else v for n, v in case.items()}
+        inputs = {n: v.requires_grad_(grad) if isinstance(v, torch.Tensor) else v for n, v in case.items()}
         torch.library.opcheck(getattr(torch.ops.convnext_fast, fwd_name).default,
                               tuple(inputs.values()), **kw)
+    if not grad:
+        return
     bwd_op = getattr(torch.ops.convnext_fast, f"{fwd_name}_bwd").default
     for case in bwd.sample_inputs(device, torch.float32):
         torch.library.opcheck(bwd_op, tuple(case.values()), **kw)

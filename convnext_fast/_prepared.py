@@ -1,0 +1,76 @@
+"""Values derived from parameters once, not on every call: a cast weight, a prepacked GEMM weight.
+
+A :class:`Prepared` cache keys each value by the identity and version counter of the tensors it
+was made from, so an in-place change (an optimizer step, ``load_state_dict``, ``copy_``) makes
+the next call prepare it again, and drops it when its first source tensor is freed. Tensors
+without a version counter (inference tensors) are never cached: their in-place changes would go
+unseen. A view (a 1x1 conv weight seen as [D, C], made anew on every call) is keyed by the tensor
+it views and its shape: the view shares that tensor's version counter.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["Prepared", "cacheable", "owner"]
+
+
+def owner(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns ``t``'s memory and version counter: ``t``, or the tensor it views."""
+    return t if t._base is None else t._base
+
+
+def cacheable(t: Optional[torch.Tensor]) -> bool:
+    """Whether a value made from ``t`` can be reused until ``t`` changes in place."""
+    return t is None or (isinstance(t, torch.Tensor) and not t.is_inference())
+
+
+class Prepared:
+    """``get(sources, make)``: ``make()``'s value for these source tensors at their current
+    versions, made once. ``None`` sources are allowed (an absent bias)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._entries: Dict[Tuple[int, ...], Tuple[tuple, Tuple[int, ...], object]] = {}
+        self._lock = threading.Lock()
+        self.made = 0  # how many values were made: a test's way to see reuse
+
+    def get(self, sources: Sequence[Optional[torch.Tensor]], make: Callable[[], object]) -> object:
+        if not all(cacheable(t) for t in sources):
+            return make()
+        owners = tuple(None if t is None else owner(t) for t in sources)
+        key = tuple(None if t is None else (id(o), t.shape) for t, o in zip(sources, owners))
+        versions = tuple(-1 if t is None else t._version for t in sources)
+        with self._lock:
+            entry = self._entries.get(key)
+        # ids are reused after a tensor dies: the weak references say whether these are the same
+        if entry is not None and entry[1] == versions and \
+                all(r is None and o is None or r is not None and r() is o for r, o in zip(entry[0], owners)):
+            return entry[2]
+        value = make()
+        refs = tuple(None if o is None else weakref.ref(o) for o in owners)
+        with self._lock:
+            fresh = entry is None
+            self._entries[key] = (refs, versions, value)
+            self.made += 1
+        first = next((o for o in owners if o is not None), None)
+        if fresh and first is not None:  # a version update keeps the finalizer it had
+            weakref.finalize(first, self._drop, key)
+        return value
+
+    def _drop(self, key) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            # the key may hold a newer tensor that reuses the id of the one that died
+            if entry is not None and next(r for r in entry[0] if r is not None)() is None:
+                del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

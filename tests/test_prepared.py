@@ -1,0 +1,119 @@
+"""Values prepared once from parameters (convnext_fast._prepared): reused while the parameter is
+unchanged, made again after an in-place change, dropped with the parameter; and the two users of
+it, the autocast cast of parameters and the oneDNN backend's packed weights, stay correct across
+a weight update (a stale cache would fail parity after the update)."""
+import gc
+
+import pytest
+import torch
+
+from convnext_fast import backends, ops, reference
+from convnext_fast._prepared import Prepared
+from convnext_fast.ops import _autocast
+
+
+def test_made_once_then_again_after_an_in_place_change():
+    cache, w = Prepared("test"), torch.randn(4)
+    first = cache.get((w, None), lambda: w * 2)
+    assert cache.get((w, None), lambda: w * 3) is first and cache.made == 1
+    w.add_(1)
+    again = cache.get((w, None), lambda: w * 2)
+    assert cache.made == 2 and torch.equal(again, w * 2)
+
+
+def test_a_view_is_keyed_by_the_tensor_it_views():
+    cache, w = Prepared("test"), torch.randn(6, 4, 1, 1)
+    first = cache.get((w.view(6, 4),), lambda: 1)
+    assert cache.get((w.view(6, 4),), lambda: 2) == first and cache.made == 1
+    assert cache.get((w.view(24),), lambda: 3) == 3  # another shape of it: another value
+    w.view(6, 4).mul_(2)  # a change through a view bumps the shared version
+    assert cache.get((w.view(6, 4),), lambda: 4) == 4
+
+
+def test_entry_dies_with_its_tensor_and_a_reused_id_is_not_confused():
+    cache = Prepared("test")
+    w = torch.randn(4)
+    cache.get((w,), lambda: "old")
+    assert len(cache) == 1
+    del w
+    gc.collect()
+    assert len(cache) == 0
+    # a new tensor gets a fresh value even where CPython hands it the dead one's id
+    for _ in range(50):
+        v = torch.randn(4)
+        assert cache.get((v,), lambda: "new") == "new"
+        del v
+
+
+def test_inference_tensors_are_not_cached():
+    cache = Prepared("test")
+    with torch.inference_mode():
+        w = torch.randn(4)
+    cache.get((w,), lambda: 1)
+    cache.get((w,), lambda: 1)
+    assert cache.made == 0 and len(cache) == 0
+
+
+def _mlp_params(C=8, D=32):
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(t) for t in (torch.randn(D, C) / C ** 0.5, torch.randn(D),
+                                            torch.randn(C, D) / D ** 0.5, torch.randn(C), torch.rand(C))]
+
+
+def _rows(C=8, dtype=torch.float32):
+    return torch.randn(2, C, 3, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_autocast_casts_a_parameter_once_per_version(mode):
+    w1, b1, w2, b2, g = _mlp_params()
+    y = _rows()
+    cache = _autocast._CASTS[torch.bfloat16]
+    ctx = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    with ctx(), torch.autocast("cpu", torch.bfloat16):
+        before = cache.made
+        outs = [ops.mlp(y, w1, b1, w2, b2, g, y, backend="torch") for _ in range(3)]
+        assert cache.made - before == 5  # five parameters, each cast once for three calls
+        assert all(torch.equal(o, outs[0]) for o in outs)
+    with torch.no_grad():
+        w1.mul_(-1)  # an optimizer step, in place: the next call must see it
+    with ctx(), torch.autocast("cpu", torch.bfloat16):
+        out = ops.mlp(y, w1, b1, w2, b2, g, y, backend="torch")
+    expect = reference.mlp(*(t.to(torch.bfloat16) for t in (y, w1, b1, w2, b2, g, y)))
+    torch.testing.assert_close(out, expect)
+
+
+def test_autocast_cast_keeps_gradients_when_training():
+    w1, b1, w2, b2, g = _mlp_params()
+    y = _rows()
+    with torch.autocast("cpu", torch.bfloat16):
+        ops.mlp(y, w1, b1, w2, b2, g, y, backend="torch").float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in (w1, b1, w2, b2, g))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_mlp_converted_weights_follow_in_place_changes(monkeypatch, dtype):
+    """The C++ CPU mlp converts reduced-precision weights for its fp32 GEMMs once per weight
+    version (csrc/cpu/mlp_cpu.cpp, ConvertedWeights), keyed by what the weight views."""
+    if backends.available("mlp", "cpu") is not None:
+        pytest.skip(str(backends.available("mlp", "cpu")))
+    monkeypatch.setenv("CONVNEXT_FAST_CPU_GEMM", "fp32")
+    C, D = 16, 64
+    y = _rows(C, dtype)
+    w1 = torch.randn(D, C, 1, 1, dtype=dtype) / C ** 0.5  # 1x1-conv weights, passed as views
+    w2 = torch.randn(C, D, 1, 1, dtype=dtype) / D ** 0.5
+    b1, b2, g = torch.randn(D, dtype=dtype), torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype)
+
+    def call():
+        args = (y, w1.view(D, C), b1, w2.view(C, D), b2, g, y)
+        with torch.inference_mode():
+            return ops.mlp(*args, backend="cpu"), args
+
+    first, _ = call()
+    assert torch.equal(call()[0], first)
+    for w in (w1, w2):
+        w.mul_(-1.5)
+        out, args = call()
+        expect = reference.mlp(*(t.double() for t in args)).to(dtype)
+        torch.testing.assert_close(out, expect, rtol=2e-2, atol=2e-2)
+        assert not torch.equal(out, first)
