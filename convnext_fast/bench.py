@@ -32,7 +32,8 @@ import torch
 from .specs import FORWARD_OPS
 
 __all__ = [
-    "DTYPES", "STAGES", "OPS", "MODES", "stage_shapes", "environment", "device_name", "describe_environment",
+    "DTYPES", "AUTOCAST", "MODEL_DTYPES", "autocast_dtype", "STAGES", "OPS", "MODES", "stage_shapes",
+    "environment", "device_name", "describe_environment",
     "Timing", "PeakMemory", "time_callable", "measure_ceilings",
     "op_inputs", "probe_inputs", "op_unavailable", "op_step", "op_cost", "bench_ops",
     "stage_sums", "backend_order_entries", "write_backend_order",
@@ -41,6 +42,10 @@ __all__ = [
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The model benchmarks' other way to run in low precision: fp32 weights and input under
+# torch.autocast to this dtype (what most users of a CPU or GPU do), rather than a model cast to it.
+AUTOCAST = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
+MODEL_DTYPES = (*DTYPES, *AUTOCAST)
 DtypeLike = Union[str, torch.dtype]
 
 # ConvNeXt-T at 224 px: (channels C, H = W, blocks) per stage; the MLPs' hidden width is 4C.
@@ -55,7 +60,15 @@ def stage_shapes(resolution: int = 224) -> Tuple[Tuple[int, int, int], ...]:
 
 
 def _dtype(dtype: DtypeLike) -> torch.dtype:
-    return DTYPES[dtype] if isinstance(dtype, str) else dtype
+    """The storage dtype: fp32 for the autocast names."""
+    if isinstance(dtype, str):
+        return torch.float32 if dtype in AUTOCAST else DTYPES[dtype]
+    return dtype
+
+
+def autocast_dtype(dtype: DtypeLike) -> Optional[torch.dtype]:
+    """The autocast dtype of a model dtype name ("amp_bf16" -> bf16), None for the others."""
+    return AUTOCAST.get(dtype) if isinstance(dtype, str) else None
 
 
 def _dtype_name(dtype: DtypeLike) -> str:
@@ -88,6 +101,30 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The /proc/cpuinfo flags that decide which CPU kernels are fast (backends.order.cpu_kind).
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+def _cpuinfo() -> Dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    info: Dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_flags(info: Mapping[str, str]) -> List[str]:
+    have = set(info.get("flags", "").split())
+    return [f for f in _CPU_FLAGS if f in have]
+
+
 def environment(device: str) -> Dict[str, object]:
     """Device, versions and commit: recorded beside every figure."""
     env: Dict[str, object] = {
@@ -106,7 +143,12 @@ def environment(device: str) -> Dict[str, object]:
         env.update(gpu=props.name, sm_count=props.multi_processor_count,
                    cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}")
     else:
-        env["cpu"] = _cpu_name()
+        from .backends.order import cpu_kind
+
+        info = _cpuinfo()
+        # a VM's model name can be as bare as "AMD EPYC": family and model tell the generation
+        env.update(cpu=_cpu_name(), cpu_kind=cpu_kind(), cpu_flags=_cpu_flags(info),
+                   cpu_family_model=f"{info.get('cpu family', '?')}/{info.get('model', '?')}")
     return env
 
 
@@ -365,6 +407,8 @@ def backend_order_entries(rows: Sequence[Mapping], env: Mapping[str, object], so
                 "commit": env.get("commit"), "source": source}
     if env.get("capability"):
         measured["capability"] = env["capability"]
+    if env.get("cpu_flags") is not None:
+        measured["cpu_flags"] = env["cpu_flags"]
     entries = []
     for (op, device, dtype, training), totals in sorted(cases.items()):
         order = sorted(totals, key=lambda b: (not totals[b][1], totals[b][0]))
@@ -422,9 +466,15 @@ class ModelResult:
 # "timm": eager timm; "timm_compile": torch.compile of it; "timm_patched": the same timm model
 # after convnext_fast.patch_timm; "convnext_fast": the native model, automatic backends;
 # "convnext_fast_compile": torch.compile of it; "convnext_fast:<backend>": the native model with
-# every op that backend has forced onto it.
+# every op that backend has forced onto it; "openvino" and "onnxruntime": timm's model exported to
+# them (CPU inference only, the [compare] extra), the engines a CPU user would otherwise pick.
 PROVIDERS = ("timm", "timm_compile", "timm_patched", "convnext_fast", "convnext_fast_compile",
-             *(f"convnext_fast:{b}" for b in ("torch", "cpu", "cuda", "triton")))
+             *(f"convnext_fast:{b}" for b in ("torch", "cpu", "cuda", "triton")), "openvino", "onnxruntime")
+COMPARE_EXTRA = "pip install 'convnext_fast[compare]'"
+# Engine precision per model dtype: both run fp32 weights; OpenVINO lowers to bf16 by its hint.
+_ENGINE_PRECISION = {"openvino": {"fp32": "f32", "bf16": "bf16", "amp_bf16": "bf16"},
+                     "onnxruntime": {"fp32": "f32"}}
+_ENGINE_MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 
 
 def make_reference(model: str, device: str, dtype: DtypeLike) -> torch.nn.Module:
@@ -461,26 +511,77 @@ def _backend_ops(backend: str) -> Dict[str, str]:
     return {op: backend for op in OPS if backends.why_not(op, backend) is None}
 
 
-def provider_unavailable(provider: str, device: str, dtype: DtypeLike = "fp32") -> Optional[str]:
-    """Why ``provider`` cannot run on ``device`` in ``dtype`` (None when it can)."""
+def provider_unavailable(provider: str, device: str, dtype: DtypeLike = "fp32",
+                         mode: str = "inference") -> Optional[str]:
+    """Why ``provider`` cannot run on ``device`` in ``dtype`` and ``mode`` (None when it can)."""
     if provider not in PROVIDERS:
         return f"unknown provider {provider!r}; expected one of {PROVIDERS}"
+    if provider in _ENGINE_MODULES:
+        if not device.startswith("cpu"):
+            return f"{provider} is compared on the CPU only"
+        if mode != "inference":
+            return f"{provider} runs inference only"
+        if _dtype_name(dtype) not in _ENGINE_PRECISION[provider]:
+            return f"{provider} is compared in {', '.join(_ENGINE_PRECISION[provider])} only"
+        import importlib.util
+
+        if importlib.util.find_spec(_ENGINE_MODULES[provider]) is None:
+            return f"{provider} is not installed: {COMPARE_EXTRA}"
+        return None
     if provider.startswith("convnext_fast:"):
         from . import backends
 
         backend = provider.split(":")[1]
         if not _backend_ops(backend):
             return f"backend {backend}: {backends.why_not('dwconv_ln', backend)}"
-        return backends.why_not("dwconv_ln", backend, probe_inputs("dwconv_ln", device, dtype))
+        return backends.why_not("dwconv_ln", backend, probe_inputs("dwconv_ln", device, _dtype(dtype)))
     return None
 
 
+def _engine_runner(provider: str, ref: torch.nn.Module, x: torch.Tensor,
+                   precision: str) -> Callable[[], torch.Tensor]:
+    """One inference of ``ref`` exported to OpenVINO or ONNX Runtime, fp32 weights (OpenVINO
+    lowering to ``precision``), on x as a user of that engine would feed it: a contiguous NCHW
+    fp32 array, made once. Returns the logits as a tensor."""
+    import copy
+
+    import numpy as np
+
+    model = copy.deepcopy(ref).float().eval()
+    x32 = x.float().contiguous()
+    feed = np.ascontiguousarray(x32.numpy())
+    threads = torch.get_num_threads()
+    if provider == "openvino":
+        import openvino as ov
+
+        with torch.no_grad():
+            exported = ov.convert_model(model, example_input=x32)
+        compiled = ov.Core().compile_model(exported, "CPU", {
+            "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads})
+        request = compiled.create_infer_request()
+        return lambda: torch.from_numpy(request.infer({0: feed})[0].copy())
+    import onnxruntime as ort
+
+    with torch.no_grad():  # torch.export's exporter (onnxscript): the TorchScript one is deprecated
+        program = torch.onnx.export(model, (x32,), input_names=["x"], output_names=["logits"],
+                                    dynamo=True, verbose=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # ORT's pool spins after each run by default, starving the provider timed next in the round.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return lambda: torch.from_numpy(session.run(None, {"x": feed})[0])
+
+
 def make_runner(provider: str, ref: torch.nn.Module, x: torch.Tensor, mode: str = "inference",
-                compile_mode: Optional[str] = None) -> Callable[[], torch.Tensor]:
+                compile_mode: Optional[str] = None, dtype: DtypeLike = "fp32") -> Callable[[], torch.Tensor]:
     """A zero-argument callable running one inference or training step of ``provider``.
 
     ref: the timm model (used as it is by "timm" and "timm_compile" for inference; every other
     case works on a copy, so a training step never changes ``ref``), on x's device and dtype.
+    dtype: the model dtype name; an autocast name ("amp_bf16") runs the step under torch.autocast.
     A training step is forward, backward of the mean logit and an AdamW step. Returns the logits
     (computed before the optimizer step).
     """
@@ -488,6 +589,8 @@ def make_runner(provider: str, ref: torch.nn.Module, x: torch.Tensor, mode: str 
 
     from . import backends, from_timm, patch_timm
 
+    if provider in _ENGINE_MODULES:
+        return _engine_runner(provider, ref, x, _ENGINE_PRECISION[provider][_dtype_name(dtype)])
     training = mode == "train"
     if provider in ("timm", "timm_compile"):
         model = copy.deepcopy(ref) if training else ref
@@ -503,10 +606,11 @@ def make_runner(provider: str, ref: torch.nn.Module, x: torch.Tensor, mode: str 
     if provider in ("timm_compile", "convnext_fast_compile"):
         model = torch.compile(model, mode=compile_mode or ("max-autotune" if x.is_cuda else None))
     mapping = _backend_ops(provider.split(":")[1]) if ":" in provider else None
+    amp = autocast_dtype(dtype)
 
     def step() -> torch.Tensor:
         ctx = backends.use_backend(mapping) if mapping else contextlib.nullcontext()
-        with ctx:
+        with ctx, torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
             if not training:
                 with torch.inference_mode():
                     return model(x)
@@ -535,16 +639,17 @@ def bench_model(model: str = "convnext_tiny", device: str = "cpu", dtype: str = 
     ref = make_reference(model, device, dtype)
     x = model_input(batch, resolution, device, dtype)
     ref.eval()
-    with torch.inference_mode():
+    amp = autocast_dtype(dtype)
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
         base = ref(x)
     runners: Dict[str, Tuple[Callable[[], torch.Tensor], float]] = {}
     for name in providers:
-        why = provider_unavailable(name, device, dtype)
+        why = provider_unavailable(name, device, dtype, mode)
         if why:
             say(f"{name}: skipped ({why})")
             continue
         say(f"{model} {dtype} {mode} batch {batch}: {name} (warm-up{' + compile' if 'compile' in name else ''})")
-        fn = make_runner(name, ref, x, mode, compile_mode)
+        fn = make_runner(name, ref, x, mode, compile_mode, dtype)
         err = logits_error(fn(), base)
         time_callable(fn, device, warmup, 0)
         runners[name] = (fn, err)
