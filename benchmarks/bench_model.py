@@ -9,14 +9,15 @@ import torch
 
 pytest.importorskip("timm")
 
-from convnext_fast.bench import (PROVIDERS, logits_error, make_reference, make_runner, model_input,  # noqa: E402
+from convnext_fast.bench import (PROVIDERS, autocast_dtype, logits_error, make_reference, make_runner, model_input,  # noqa: E402
                                  provider_unavailable)
 
 CUDA = torch.cuda.is_available()
 MODELS = ["convnext_tiny", "convnext_base", "convnextv2_tiny"]
 SMOKE_MODEL = {"convnext_tiny": "convnext_atto", "convnextv2_tiny": "convnextv2_atto"}
 BATCHES = [1, 32, 256] if CUDA else [1, 8]
-DTYPES = ["bf16"] if CUDA else ["fp32", "bf16"]
+# amp_bf16: fp32 weights under torch.autocast (bench.AUTOCAST), the other way users run bf16
+DTYPES = ["bf16"] if CUDA else ["fp32", "amp_bf16", "bf16"]
 _REFS = {}
 
 
@@ -46,16 +47,17 @@ def test_model(run, full, device, bench_options, model, dtype, mode, batch, prov
         if provider == "convnext_fast:triton" and os.environ.get("TRITON_INTERPRET") == "1":
             pytest.skip("the Triton interpreter takes minutes per model; the op smoke tests cover it")
         model = SMOKE_MODEL[model]
-    why = provider_unavailable(provider, device, dtype)
+    why = provider_unavailable(provider, device, dtype, mode)
     if why:
         pytest.skip(why)
     res = 224 if full else 32
     ref = _reference(model, device, dtype)
     x = model_input(batch, res, device, dtype)
     ref.eval()
-    with torch.inference_mode():
+    amp = autocast_dtype(dtype)
+    with torch.inference_mode(), torch.autocast(device, dtype=amp or torch.bfloat16, enabled=amp is not None):
         base = ref(x)
-    step = make_runner(provider, ref, x, mode, bench_options["compile_mode"])
+    step = make_runner(provider, ref, x, mode, bench_options["compile_mode"], dtype)
     bound = 1e-4 if dtype == "fp32" else 5e-2
     err = logits_error(step(), base)
     assert err <= bound, f"{provider}: logits differ from timm by {err:.3g} of max |logit|"
