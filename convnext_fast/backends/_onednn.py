@@ -3,6 +3,8 @@
     h   = gelu_erf(y @ W1^T + b1)                          # bias + exact GELU as a post-op
     out = h @ (gamma * W2)^T + gamma * b2 + residual       # residual add as a post-op
 
+(``mlp_grn``: GRN between the two, in fp32 torch ops over the hidden; no gamma.)
+
 on the [M = N*H*W, C] matrix the channels-last trunk already is. The GEMMs are
 ``torch.ops.mkldnn._linear_pointwise`` (what torch.compile's CPU freezing pass emits), on weights
 reordered once into oneDNN's blocked layout (``_reorder_linear_weight``) with the layer scale
@@ -80,31 +82,63 @@ def mlp_onednn(y: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, fc2_weight: 
     return out.view(N, H, W, C).permute(0, 3, 1, 2)
 
 
-def _define() -> None:
-    spec = SPECS["mlp"]
-    torch.library.custom_op("convnext_fast::mlp_onednn", mlp_onednn, mutates_args=(), schema=spec.schema)
-    torch.library.register_fake("convnext_fast::mlp_onednn")(lambda *a: spec.fake(**spec.bind(a, {})))
+def mlp_grn_onednn(y: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, grn_weight: torch.Tensor,
+                   grn_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias, residual,
+                   eps: float) -> torch.Tensor:
+    """The ``mlp_grn`` contract (:func:`convnext_fast.reference.mlp_grn`): shapes as
+    :func:`mlp_onednn`, grn_weight/grn_bias [D]. GRN's statistics over each image's H*W are fp32."""
+    N, C, H, W = y.shape
+    D = fc1_weight.shape[0]
+    w1, b1, w2, b2 = _PACKED.get((fc1_weight, fc1_bias, fc2_weight, fc2_bias, None),
+                                 lambda: _pack(fc1_weight, fc1_bias, fc2_weight, fc2_bias, None))
+    rows = y.permute(0, 2, 3, 1).reshape(N * H * W, C)
+    h = torch.ops.mkldnn._linear_pointwise(rows, w1, b1, "gelu", [], "none")
+    hf = h.view(N, H * W, D).float()
+    gx = torch.linalg.vector_norm(hf, ord=2, dim=1, keepdim=True)  # [N, 1, D]
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
+    # h + bias + weight * h * nx, as one pass over the hidden
+    h = torch.addcmul(grn_bias.float(), hf, 1 + grn_weight.float() * nx).to(h.dtype).view(N * H * W, D)
+    if residual is None:
+        out = torch.ops.mkldnn._linear_pointwise(h, w2, b2, "none", [], "")
+    else:
+        res = residual.permute(0, 2, 3, 1).reshape(N * H * W, C)
+        out = torch.ops.mkldnn._linear_pointwise.binary(h, res, w2, b2, "add")
+    return out.view(N, H, W, C).permute(0, 3, 1, 2)
 
 
-def _supports(y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual) -> Reason:
+_FUNCTIONS = {"mlp": mlp_onednn, "mlp_grn": mlp_grn_onednn}
+
+
+def _define(op: str) -> None:
+    spec = SPECS[op]
+    torch.library.custom_op(f"convnext_fast::{op}_onednn", _FUNCTIONS[op], mutates_args=(), schema=spec.schema)
+    torch.library.register_fake(f"convnext_fast::{op}_onednn")(lambda *a: spec.fake(**spec.bind(a, {})))
+
+
+def _supports(y, **args) -> Reason:
     if y.device.type != "cpu":
         return f"oneDNN runs on the CPU, got {y.device.type}"
     if y.dtype not in _DTYPES:
         return (f"dtype {y.dtype} is not supported by the oneDNN MLP here "
                 f"({', '.join(str(d) for d in _DTYPES)})")
     if torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad
-            for t in (y, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)):
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (y, *args.values())):
         return "inference only (no backward): this call needs gradients"
     return None
 
 
-def _mlp(**args):
-    if torch.compiler.is_compiling():  # opaque to the compiler: the weight cache stays outside
-        return torch.ops.convnext_fast.mlp_onednn(*args.values())
-    return mlp_onednn(*args.values())  # the dispatcher round trip costs ~25 us a call
+def _impl(op: str):
+    fn = _FUNCTIONS[op]
+
+    def call(**args):
+        if torch.compiler.is_compiling():  # opaque to the compiler: the weight cache stays outside
+            return getattr(torch.ops.convnext_fast, f"{op}_onednn")(*args.values())
+        return fn(*args.values())  # the dispatcher round trip costs ~25 us a call
+
+    return call
 
 
-if _REASON is None:
-    _define()
-register("mlp", "onednn", Impl(_mlp, lambda: _REASON, _supports))
+for _op in _FUNCTIONS:
+    if _REASON is None:
+        _define(_op)
+    register(_op, "onednn", Impl(_impl(_op), lambda: _REASON, _supports))

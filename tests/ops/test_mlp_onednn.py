@@ -1,4 +1,4 @@
-"""The ``onednn`` mlp backend beyond the contract tests (tests/ops/test_contract.py): ConvNeXt
+"""The ``onednn`` mlp and mlp_grn backend beyond the contract tests (tests/ops/test_contract.py): ConvNeXt
 stage widths, awkward row counts, weights changed in place between calls (the packed weights are
 cached per version), the refusal to run a call that needs gradients, and the whole model."""
 import os
@@ -77,21 +77,22 @@ def test_refuses_calls_that_need_gradients():
     assert args[1].grad is not None
 
 
+@pytest.mark.parametrize("model_name", ["convnext_atto", "convnextv2_atto"])
 @pytest.mark.parametrize("dtype", ["fp32", "amp_bf16", "bf16"])
-def test_model_matches_timm(dtype):
+def test_model_matches_timm(dtype, model_name):
     timm = pytest.importorskip("timm")
     if dtype != "fp32" and torch.bfloat16 not in _onednn._DTYPES:
         pytest.skip("oneDNN has no native bf16 on this CPU")
     from convnext_fast.bench import autocast_dtype, logits_error, make_reference, model_input
 
     del timm
-    ref = make_reference("convnext_atto", "cpu", dtype).eval()
+    ref = make_reference(model_name, "cpu", dtype).eval()
     x = model_input(2, 64, "cpu", dtype)
     model = convnext_fast.from_timm(ref).to(memory_format=torch.channels_last).eval()
     amp = autocast_dtype(dtype)
     with torch.inference_mode(), torch.autocast("cpu", amp or torch.bfloat16, enabled=amp is not None):
         base = ref(x)
-        with backends.use_backend({"mlp": "onednn"}):
+        with backends.use_backend({"mlp": "onednn", "mlp_grn": "onednn"}):
             made = _onednn._PACKED.made
             out = model(x)
             # every block's MLP ran on oneDNN: one set of packed weights each, made once (atto's
