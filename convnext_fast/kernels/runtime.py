@@ -87,13 +87,17 @@ def fit_block(n: int, candidates: Sequence[int] = (128, 64, 32, 16), slack: floa
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """``input_precision`` for ``tl.dot``: IEEE fp32 unless the user allowed TF32 for CUDA matmuls.
+    """``input_precision`` for ``tl.dot`` with fp32 operands: "tf32" where the user allowed TF32
+    for CUDA matmuls, else "tf32x3" (tensor cores, three TF32 MMAs: about fp32 accuracy, within
+    the fp32 parity rule). The interpreter computes every dot in fp32 whatever the value.
 
     Only fp32 operands are affected; for fp16/bf16 operands the value is ignored by Triton.
     """
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    if dtype != torch.float32:
+        return "ieee"
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
-    return "ieee"
+    return "tf32x3"
 
 
 def dot_upcast(dtype: torch.dtype) -> bool:

@@ -22,13 +22,13 @@ from convnext_fast.kernels import mlp_grn as K  # noqa: E402
 
 
 def test_block_m_heuristic():
-    # ConvNeXt stage shapes and the odd ones used below
-    assert K.grn_block_m(56 * 56) == 128
-    assert K.grn_block_m(28 * 28) == 128
-    assert K.grn_block_m(14 * 14) == 32
-    assert K.grn_block_m(7 * 7) == 64
-    assert K.grn_block_m(9 * 11) == 16
-    assert K.grn_block_m(1) == 16
+    # ConvNeXt stage shapes on a GPU: never under 64 rows (a warpgroup MMA's height)
+    gpu = K.GRN_BLOCK_M_CANDIDATES
+    assert [K.grn_block_m(s * s, gpu) for s in (56, 28, 14, 7)] == [128, 128, 128, 64]
+    assert K.grn_block_m(1, gpu) == 64
+    # the interpreter's (the odd shapes used below)
+    cpu = K.GRN_BLOCK_M_CANDIDATES_INTERPRET
+    assert [K.grn_block_m(hw, cpu) for hw in (7 * 7, 9 * 11, 14 * 14, 1)] == [64, 16, 32, 16]
 
 
 # (N, C, H, W, bias, residual, backward): the forward runs on every case, the backward on those
