@@ -25,23 +25,26 @@ from convnext_fast.testing import assert_parity  # noqa: E402
 EPS = 1e-6
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
-# (N, C, H, W, k, bias, dtype): every value of C {40, 96, 136, 384, 1100, 1536, 3072},
-# H x W {1x1, 3x3, 7x7, 9x11, 14x14, and 1x3, 1x7, 2x3}, k {3, 5, 7}, with and without bias,
-# N {1, 2}, each dtype; not the cross product (the interpreter is slow). C <= 1024 is one register
-# chunk, C > 1024 the two-pass chunked path (1100: ragged last chunk). C = 40 and 136 are not
-# multiples of 16 (8-wide vectors on a GPU).
+# (N, C, H, W, k, bias, dtype): C {40, 80, 96, 136, 160, 384, 1100, 1536, 3072}, H x W {1x1,
+# 3x3, 7x7, 9x11, 14x14, and 1x3, 1x7, 2x3, 4x5, 5x6, 6x11}, k {3, 5, 7}, with and without bias,
+# N {1, 2}, each dtype; not the cross product (the interpreter is slow). The variant "auto"
+# picks (see K._band_chunk): the band kernels for C = 40, 80, 160 (8|16|32 x 5 chunks), 96, 384
+# (3 chunks); the pixel kernels for C = 136 (no power-of-two chunking), 1100, 1536, 3072
+# (C > 1024; 1100: ragged last chunk). H, W < k, H and W not multiples of the band tile, N = 1
+# among them.
 CASES = [
     (1, 40, 1, 1, 7, True, f32),
     (2, 40, 3, 3, 5, False, f32),
-    (1, 40, 14, 14, 5, False, f32),
     (2, 40, 9, 11, 3, True, f16),
+    (1, 80, 5, 6, 5, True, bf16),
     (1, 96, 7, 7, 7, True, f32),
-    (2, 96, 14, 14, 7, True, f32),
-    (1, 96, 14, 14, 7, True, bf16),
+    (2, 96, 14, 14, 3, True, f32),
+    (1, 96, 6, 11, 7, True, bf16),
     (1, 96, 1, 7, 7, False, f32),
     (1, 136, 9, 11, 3, False, f32),
     (2, 136, 9, 11, 7, True, f32),
     (1, 136, 7, 7, 5, False, bf16),
+    (1, 160, 4, 5, 5, True, f16),
     (1, 384, 7, 7, 5, True, f32),
     (2, 384, 3, 3, 7, False, f32),
     (1, 384, 3, 3, 7, True, f16),
@@ -50,11 +53,25 @@ CASES = [
     (2, 1536, 1, 1, 7, True, bf16),
     (1, 3072, 1, 3, 3, False, f16),
 ]
+# The pixel kernels at widths where "auto" picks the band kernels: both stay selectable
+# (VARIANT) until a GPU run has timed them against each other.
+PIXEL_CASES = [
+    (2, 40, 14, 14, 5, False, f32),
+    (1, 96, 14, 14, 7, True, bf16),
+    (1, 384, 3, 3, 7, True, f16),
+]
+VARIANT_CASES = [("auto", c) for c in CASES] + [("pixel", c) for c in PIXEL_CASES]
 
 
 def _id(case):
     N, C, H, W, k, bias, dtype = case
     return f"{N}x{C}x{H}x{W}-k{k}-{'b' if bias else 'nob'}-{str(dtype)[6:]}"
+
+
+def _vid(vc):
+    variant, case = vc
+    path = "pixel" if variant == "pixel" or K._band_chunk(case[1], case[4]) is None else "band"
+    return f"{path}-{_id(case)}"
 
 
 @pytest.fixture(autouse=True)
@@ -124,8 +141,14 @@ def test_reference_anchor():
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
-def test_forward(case):
+@pytest.mark.parametrize("vc", VARIANT_CASES, ids=_vid)
+def test_forward(vc, monkeypatch):
+    variant, case = vc
+    monkeypatch.setattr(K, "VARIANT", variant)
+    check_forward(case)
+
+
+def check_forward(case):
     N, C, H, W, k, bias, dtype = case
     x, w, b, lw, lb = case_inputs(case)
     out = torch.full_like(x, float("nan"), memory_format=torch.channels_last)
@@ -142,19 +165,49 @@ def test_forward(case):
     assert_parity(rstd.cpu(), rstd64, name="rstd", tight=(1e-5, 1e-4))
 
 
+def _stored(t, dtype):
+    """fp32 ``t`` rounded to ``dtype`` as a kernel stores it: to nearest on a GPU; triton 3.8's
+    interpreter truncates fp32 -> bf16 (it drops the low 16 bits)."""
+    if dtype == bf16 and DEVICE == "cpu":
+        return (t.float().view(torch.int32) & -65536).view(torch.float32)
+    return t.to(dtype).float()
+
+
 def _lowp_grads(x, w, b, lw, gy, mean, rstd):
-    """PyTorch's reference backward given the low-precision tensors: fp32 arithmetic, results
-    rounded to the inputs' dtype (stricter than autograd in bf16/fp16, which also rounds the conv
-    output; and it avoids oneDNN's bf16 depthwise backward, whose first call on CPU can take
-    tens of seconds)."""
-    return reference.dwconv_ln_bwd(gy, x, w, b, lw, mean, rstd)
+    """PyTorch's backward in x's dtype, with its rounding points and fp32 arithmetic: dz, the
+    LayerNorm's input gradient, is rounded to x's dtype before the conv backward (as autograd
+    stores it between the two, and as the band kernels do, see _stored), the results rounded to
+    their dtypes. Written out rather than run by autograd: oneDNN's bf16 depthwise backward can take
+    tens of seconds on its first call on CPU, and autograd would also round the conv output
+    (the kernels do not)."""
+    C, k = x.shape[1], w.shape[-1]
+    xf, wf = x.float(), w.float()
+    z = torch.nn.functional.conv2d(xf, wf, None if b is None else b.float(), padding=k // 2,
+                                   groups=C)
+    xhat = (z - mean.unsqueeze(1)) * rstd.unsqueeze(1)
+    g32 = gy.float()
+    g = g32 * lw.float().view(1, C, 1, 1)
+    dz = rstd.unsqueeze(1) * (g - g.mean(dim=1, keepdim=True)
+                              - xhat * (g * xhat).mean(dim=1, keepdim=True))
+    dz = _stored(dz, x.dtype)
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        dz, xf, wf, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], C,
+        [True, True, b is not None])
+    return (dx.to(x.dtype), dw.to(w.dtype), None if b is None else db.to(b.dtype),
+            (g32 * xhat).sum(dim=(0, 2, 3)).to(lw.dtype), g32.sum(dim=(0, 2, 3)).to(lw.dtype))
 
 
 NAMES = ("dx", "dconv_w", "dconv_b", "dln_w", "dln_b")
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
-def test_backward(case):
+@pytest.mark.parametrize("vc", VARIANT_CASES, ids=_vid)
+def test_backward(vc, monkeypatch):
+    variant, case = vc
+    monkeypatch.setattr(K, "VARIANT", variant)
+    check_backward(case)
+
+
+def check_backward(case):
     N, C, H, W, k, bias, dtype = case
     x, w, b, lw, lb = case_inputs(case)
     gy = torch.randn(N, C, H, W).to(device=DEVICE, dtype=dtype, memory_format=torch.channels_last)
@@ -173,7 +226,7 @@ def test_backward(case):
                       name=f"{name}{_id(case)}", tight=scaled_tight(r))
 
 
-@pytest.mark.parametrize("case", [(2, 96, 5, 4, 7, True, f32), (1, 136, 3, 9, 3, False, bf16)],
+@pytest.mark.parametrize("case", [(2, 96, 5, 4, 5, True, f32), (1, 136, 3, 9, 3, False, bf16)],
                          ids=_id)
 def test_autograd_through_op(case):
     """The public op on the triton backend (triton_op + registered autograd), end to end, against
@@ -203,10 +256,12 @@ def test_autograd_through_op(case):
                       tight=scaled_tight(r))
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("case", [(2, 136, 14, 14, 3, True, f32), (2, 96, 10, 7, 3, True, f32)],
+                         ids=_id)
+def test_backward_is_deterministic(case):
     """Weight gradients come from per-program partials reduced by torch.sum: no atomics, so two
-    runs are bit-identical (several pixel groups and, for C > 512, channel chunks)."""
-    case = (2, 136, 14, 14, 3, True, f32)
+    runs are bit-identical (C = 136: the pixel kernels' pixel groups; C = 96: the band kernels'
+    band programs, strips and channel chunks)."""
     x, w, b, lw, lb = case_inputs(case)
     gy = torch.randn_like(x)
     mu64, rstd64 = ref_stats(x, w, b)
@@ -215,6 +270,72 @@ def test_backward_is_deterministic():
     c = K.dwconv_ln_bwd(gy, x, w, b, lw, mean, rstd)
     for name, u, v in zip(NAMES, a, c):
         assert torch.equal(u, v), f"{name} differs between two identical backward runs"
+
+
+@pytest.mark.parametrize("case", [(1, 96, 5, 9, 3, True, f32), (1, 40, 5, 6, 3, False, bf16),
+                                  (1, 80, 3, 6, 5, True, f16)], ids=_id)
+def test_band_small_tiles(case, monkeypatch):
+    """Band tiles far smaller than the image: several bands (the last ragged) and column runs
+    per image, so every halo crosses a tile edge; backward K2 walks two strips of bands."""
+    monkeypatch.setattr(K, "_INTERP_BH", 2)
+    monkeypatch.setattr(K, "_INTERP_BW", 4)
+    check_forward(case)
+    check_backward(case)
+
+
+@pytest.mark.parametrize("case", [(1, 96, 6, 18, 5, True, bf16), (1, 160, 3, 9, 3, False, f32)],
+                         ids=_id)
+def test_band_gpu_tiles(case, monkeypatch):
+    """The band tiles the GPU rule picks (e.g. at C = 96: BH = 4 forward, 3 for backward K1, 6 for
+    K2; 16-column runs), run under the interpreter."""
+    tiles = K._band_tiles
+    monkeypatch.setattr(K, "_band_tiles", lambda *a: tiles(*a, interpret=False))
+    check_forward(case)
+    check_backward(case)
+
+
+def test_band_chunk_rule(monkeypatch):
+    """Which shapes the band kernels take (exact power-of-two chunks, at most 8 of them, C <=
+    1024, k <= 7), every ConvNeXt width up to 1024 among them; VARIANT overrides the rule."""
+    expect = {40: 8, 48: 16, 64: 64, 80: 16, 96: 32, 128: 128, 160: 32, 192: 64, 256: 256,
+              320: 64, 384: 128, 512: 256, 640: 128, 768: 256, 1024: 256,
+              24: 8, 136: None, 100: None, 1100: None, 1536: None, 2048: None}
+    assert {C: K._band_chunk(C, 7) for C in expect} == expect
+    assert K._band_chunk(96, 3) == 32 and K._band_chunk(96, 9) is None
+    monkeypatch.setattr(K, "VARIANT", "pixel")
+    assert K._band_chunk(96, 7) is None
+    monkeypatch.setattr(K, "VARIANT", "band")
+    assert K._band_chunk(96, 7) == 32
+    with pytest.raises(ValueError, match="band kernels need"):
+        K._band_chunk(136, 7)
+    monkeypatch.setattr(K, "VARIANT", "fast")
+    with pytest.raises(ValueError, match="auto, band or pixel"):
+        K._band_chunk(96, 7)
+
+
+def test_band_gpu_rule_budgets():
+    """The GPU tile rule stays inside its register budgets for every band width, k = 3..7, and
+    the forward's autotune candidates keep the per-thread tile of the rule's first config."""
+    for C in (40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024):
+        BC = K._band_chunk(C, 7)
+        for k in (3, 5, 7):
+            t = K._band_tiles("fwd", C, BC, k, interpret=False)
+            e = t["BW"] * BC // (32 * t["num_warps"])
+            assert e >= 1 and t["BH"] * (C // BC) * e <= K._FWD_TILE_BUDGET, (C, k, t)
+            t = K._band_tiles("dz", C, BC, k, interpret=False)
+            e = t["BW"] * BC // (32 * t["num_warps"])
+            assert (t["BH"] + 1) * (C // BC) * e <= K._DZ_TILE_BUDGET, (C, k, t)
+            bc2 = min(C & -C, 64)  # K._dxdw_chunk on a GPU
+            t = K._band_tiles("dxdw", C, bc2, k, interpret=False)
+            e = t["BW"] * bc2 // (32 * t["num_warps"])
+            assert (2 * t["BH"] + k + 1) * e <= K._DXDW_TILE_BUDGET, (C, k, t)
+            cfgs = K._fwd_band_configs(90, dict(C=C, BC=BC, K=k))
+            first = cfgs[0]
+            assert (first.kwargs["BH"], first.kwargs["BW"], first.num_warps) == tuple(
+                K._band_tiles("fwd", C, BC, k, interpret=False).values())
+            for cfg in cfgs:
+                e = cfg.kwargs["BW"] * BC // (32 * cfg.num_warps)
+                assert cfg.kwargs["BH"] * (C // BC) * e <= K._FWD_TILE_BUDGET, (C, k, cfg)
 
 
 # test_contract.py opchecks the backend's ops, but under the interpreter without test_faketensor:
