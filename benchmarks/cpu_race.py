@@ -1,6 +1,7 @@
 """The CPU race: ConvNeXt inference per engine a CPU user would pick, on this machine.
 
     python benchmarks/cpu_race.py [--batch 1 8] [--dtypes fp32 amp_bf16 bf16] [--iters 10]
+    python benchmarks/cpu_race.py --ops [--write-backend-order]
 
 timm eager, torch.compile of timm, convnext_fast, OpenVINO and ONNX Runtime (the [compare] extra;
 a line says so when one is not installed), one set of weights, interleaved rounds per case
@@ -9,6 +10,12 @@ a line says so when one is not installed), one set of weights, interleaved round
 README's CPU section is made from, with convnext_fast's speed-up over the faster of torch.compile
 and OpenVINO. bf16 runs both ways users run it: ``amp_bf16`` (fp32 weights under autocast;
 OpenVINO with its bf16 precision hint) and ``bf16`` (the model cast; OpenVINO as for amp_bf16).
+
+``--ops``: instead, each op's forward on every CPU backend at the ConvNeXt-T stage shapes, fp32
+and bf16, batch 1 and 8 (``bench.bench_ops``), written to ``benchmarks/results/cpu_<kind>_ops.json``;
+with ``--write-backend-order`` the inference order for this CPU kind (fastest over both batches)
+goes into ``convnext_fast/backends/backend_order.json`` as entries with this machine's ``kind``,
+so other kinds of CPU keep their own (or the default) order.
 """
 from __future__ import annotations
 
@@ -48,6 +55,25 @@ def table(rows: List[Dict], env: Dict) -> str:
     return "\n".join(lines)
 
 
+def ops(args, env: Dict, command: str) -> int:
+    rows = []
+    for dtype in ("fp32", "bf16"):
+        for batch in args.batch:
+            rows += bench.bench_ops("cpu", dtype, batch, modes=("fwd",), iters=args.iters,
+                                    progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = args.out or os.path.join(RESULTS, f"cpu_{cpu_kind()}_ops.json")
+    with open(out, "w") as f:
+        json.dump({"environment": env, "command": command, "ops": rows}, f, indent=1)
+    for (op, _, dtype, _, backend), (ms, full) in sorted(bench.stage_sums(rows).items()):
+        print(f"{op:10s} {dtype} {backend:8s} {ms:8.2f} ms summed over the ConvNeXt-T blocks, "
+              f"batch {'+'.join(map(str, args.batch))}{'' if full else ' (some stages only)'}")
+    print(f"wrote {out}")
+    if args.write_backend_order:
+        entries = bench.write_backend_order(rows, env, f"benchmarks/results/{os.path.basename(out)}")
+        print(f"wrote {len(entries)} backend order entries (kind {cpu_kind()})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -56,8 +82,14 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--model", default="convnext_tiny")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/cpu_<kind>_race.json")
+    parser.add_argument("--ops", action="store_true", help="time the ops per backend instead of the models")
+    parser.add_argument("--write-backend-order", action="store_true",
+                        help="with --ops: merge this CPU kind's inference order into backend_order.json")
     args = parser.parse_args(argv)
     env = bench.environment("cpu")
+    command = "python benchmarks/cpu_race.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.ops:
+        return ops(args, env, command)
     for p in args.providers:
         why = bench.provider_unavailable(p, "cpu", "fp32")
         if why:
@@ -71,8 +103,7 @@ def main(argv=None) -> int:
                 rows.append({k: v for k, v in vars(r).items() if k != "samples_ms"} | {"samples_ms": r.samples_ms})
     out = args.out or os.path.join(RESULTS, f"cpu_{cpu_kind()}_race.json")
     with open(out, "w") as f:
-        json.dump({"environment": env, "command": "python benchmarks/cpu_race.py " + " ".join(argv or sys.argv[1:]),
-                   "results": rows}, f, indent=1)
+        json.dump({"environment": env, "command": command, "results": rows}, f, indent=1)
     print(table(rows, env))
     print(f"wrote {out}")
     return 0
