@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import platform
+import shutil
 import sys
+import textwrap
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,32 +39,60 @@ class _Out:
 
             self.console.print(escape(text), style=style)
 
+    def width(self) -> int:
+        """The terminal's columns (``COLUMNS`` when set; 80 when not a terminal)."""
+        if self.console is not None:
+            return self.console.width
+        return shutil.get_terminal_size((80, 24)).columns
+
+    def _needs(self, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> int:
+        widths = [max(len(str(c)) for c in col) for col in zip(columns, *rows)]
+        # rich: a space either side of each cell and a rule between and around them; plain: 2 spaces
+        return sum(widths) + (3 * len(widths) + 1 if self.console is not None else 2 * (len(widths) - 1))
+
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
-              text_columns: Optional[int] = None) -> None:
-        """The first ``text_columns`` columns (default: all) left-justified, the rest right."""
+              text_columns: Optional[int] = None,
+              compact: Optional[Tuple[Sequence[str], Sequence[Sequence[str]], str]] = None) -> None:
+        """The first ``text_columns`` columns (default: all) left-justified, the rest right.
+
+        Wider than the terminal, the table is shown as ``compact`` = (columns, rows, a note saying
+        what the short headers mean) when given, and then long texts move below it as
+        numbered notes, so that it fits (the full table: a wider terminal, or ``COLUMNS=200``).
+        """
         n = len(columns) if text_columns is None else text_columns
+        width, notes = self.width(), []
+        if compact is not None and self._needs(columns, rows) > width:
+            columns, rows, note = compact
+            notes.append(note)
+        if self._needs(columns, rows) > width:
+            rows, footnotes = _footnoted(rows, width, lambda r: self._needs(columns, r))
+            notes = footnotes + notes
         if self.console is not None:
             from rich.markup import escape
             from rich.table import Table
 
             table = Table(title=escape(title))
             for i, col in enumerate(columns):
-                table.add_column(col, justify="left" if i < n else "right", no_wrap=i < n, overflow="fold")
+                table.add_column(col, justify="left" if i < n else "right", no_wrap=i == 0, overflow="fold")
             for row in rows:
                 table.add_row(*(escape(cell) for cell in row))
             self.console.print(table)
-            return
-        widths = [max(len(str(c)) for c in col) for col in zip(columns, *rows)]
+        else:
+            widths = [max(len(str(c)) for c in col) for col in zip(columns, *rows)]
 
-        def fmt(cells):
-            return "  ".join(c.ljust(w) if i < n else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+            def fmt(cells):
+                return "  ".join(c.ljust(w) if i < n else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-        print(title)
-        print(fmt(columns))
-        print(fmt(["-" * w for w in widths]))
-        for row in rows:
-            print(fmt(row))
+            print(title)
+            print(fmt(columns))
+            print(fmt(["-" * w for w in widths]))
+            for row in rows:
+                print(fmt(row))
+        for note in notes:
+            if self.console is None:
+                note = textwrap.fill(note, width, subsequent_indent="    ")
+            self.line(note)
 
     @contextlib.contextmanager
     def status(self, text: str) -> Iterator[Callable[[str], None]]:
@@ -76,6 +107,44 @@ class _Out:
             print(f"(plain tables: rich is not installed; {EXTRA})", file=sys.stderr)
 
 
+def _footnoted(rows: Sequence[Sequence[str]], width: int, needs: Callable[[Sequence[Sequence[str]]], int],
+               short: int = 12) -> Tuple[List[List[str]], List[str]]:
+    """``rows`` with the texts longer than ``short`` of their widest columns (never the first, which
+    names the row) replaced by numbered marks, widest column first, until ``needs(rows)`` fits
+    ``width``; and the notes "[k] text" for the marks."""
+    rows = [list(r) for r in rows]
+    marks: dict = {}
+    done = {0}
+    while rows and needs(rows) > width:
+        widest, i = max(((max(len(r[j]) for r in rows), j) for j in range(len(rows[0])) if j not in done),
+                        default=(0, None))
+        if i is None or widest <= short:
+            break
+        done.add(i)
+        for r in rows:
+            if len(r[i]) > short:
+                r[i] = marks.setdefault(r[i], f"[{len(marks) + 1}]")
+    # Numbered again in reading order (row by row), as a reader meets them.
+    order: dict = {}
+    for r in rows:
+        for cell in r:
+            if cell in marks.values():
+                order.setdefault(cell, f"[{len(order) + 1}]")
+    text = {mark: t for t, mark in marks.items()}
+    return [[order.get(c, c) for c in r] for r in rows], [f"{new} {text[old]}" for old, new in order.items()]
+
+
+def _drop_empty(columns: Sequence[str], rows: Sequence[Sequence[str]], keep: int = 1):
+    """The columns (after the first ``keep``) that have something other than "-" in some row."""
+    cols = [i for i in range(len(columns)) if i < keep or any(r[i] != "-" for r in rows)]
+    return [columns[i] for i in cols], [[r[i] for i in cols] for r in rows]
+
+
+def _digits4(v: float) -> str:
+    """``v`` with 4 significant digits and no exponent (1683, 787.9, 84.91, 5.123)."""
+    return f"{v:.{max(0, 4 - len(str(int(abs(v)))))}f}"
+
+
 def _cell(v: Optional[float], spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -86,7 +155,7 @@ def _ms_iqr(ms: float, iqr_ms: float) -> str:
 
 def _info(_args, out: _Out) -> int:
     from . import _ext, backends
-    from .backends import order
+    from .backends import order, registry
     from .bench import OPS, probe_inputs
 
     versions = {"python": platform.python_version(), "torch": torch.__version__}
@@ -123,6 +192,13 @@ def _info(_args, out: _Out) -> int:
                      + f" ({how})")
     env = os.environ.get(backends.ENV_VAR)
     out.line(f"requested backend: {env + ' (from ' + backends.ENV_VAR + ')' if env else 'automatic'}")
+    off = registry.disabled_ops()
+    if off:
+        out.line("kernels OFF, the torch reference runs: " + ", ".join(f"{op} (by {by})" for op, by in off.items()),
+                 style="yellow")
+    else:
+        out.line(f"kernels: on ({registry.DISABLE_VAR}=1, or =mlp,dwconv_ln, or convnext_fast.disable_kernels() "
+                 "turns them off)")
 
     cells = {}
     for op, b, reason in backends.describe():
@@ -144,6 +220,8 @@ def _info(_args, out: _Out) -> int:
                     try:
                         name, _ = backends.select(op, device, "auto", args)
                         skipped = "; ".join(f"{b}: {r}" for b, r in backends.last_selections()[op][1])
+                        if op in off:
+                            skipped = f"every kernel: turned off by {off[op]}"
                     except backends.BackendError as e:
                         name, skipped = "none", str(e)
                     rows.append([dev, str(dt).replace("torch.", ""), "training" if training else "inference",
@@ -166,9 +244,15 @@ def _op_table(out: _Out, rows: List[dict], stages: Sequence[Tuple[int, int, int]
         table.append([op, mode, backend, *(cells[(op, mode, backend)].get((C, H), "-") for C, H, _ in stages),
                       _cell(total if complete else None, ".1f"),
                       _cell(torch_total / total if complete and torch_complete else None, ".2f")])
+    compact = [[*row[:3], *(c.split(" (")[0] for c in row[3:3 + len(stages)]), *row[3 + len(stages):]]
+               for row in table]
     out.table(f"{title}; sum weighted by the {'/'.join(str(b) for *_, b in stages)} blocks",
               ["op", "mode", "backend", *(f"C{C} H{H}" for C, H, _ in stages), "sum ms", "torch/this"], table,
-              text_columns=3)
+              text_columns=3,
+              compact=(["op", "mode", "backend", *(f"C{C}" for C, _, _ in stages), "sum", "x torch"], compact,
+                       "C: the stage's channels (H: " + "/".join(str(H) for _, H, _ in stages)
+                       + "); ms per call without the IQR; x torch: torch's sum / this one's. Every column: --json "
+                       "FILE, or a wider terminal (COLUMNS=140)."))
 
 
 def _missing(module: str) -> bool:
@@ -219,9 +303,19 @@ def _bench(args, out: _Out) -> int:
         rows = [[r.provider, str(r.batch), f"{r.ms:.2f}", _cell(r.iqr_ms, ".2f"), f"{r.img_per_s:.1f}",
                  _cell(r.speedup_vs_eager, ".2f"), _cell(r.speedup_vs_compile, ".2f"),
                  _cell(r.max_err_vs_timm, ".2e"), _cell(r.peak_mem_mb, ".0f")] for r in results]
+        short = [[r.provider, str(r.batch), _digits4(r.ms) + (f"±{100 * r.iqr_ms / r.ms:.0f}%" if r.iqr_ms else ""),
+                  f"{r.img_per_s:.1f}", _cell(r.speedup_vs_eager, ".2f"), _cell(r.speedup_vs_compile, ".2f"),
+                  _cell(r.max_err_vs_timm, ".1e"), _cell(r.peak_mem_mb, ".0f")] for r in results]
+        short_columns, short = _drop_empty(["provider", "N", "ms ±IQR", "img/s", "x eager", "x comp", "err", "MB"],
+                                           short, keep=7)
         out.table(f"{args.model} {args.mode}, {args.dtype}, {args.resolution}px, channels_last - {where}",
                   ["provider", "batch", "ms", "IQR ms", "img/s", "vs eager", "vs compile", "max err vs timm",
-                   "peak MB"], rows, text_columns=1)
+                   "peak MB"], rows, text_columns=1,
+                  compact=(short_columns, short,
+                           "N: batch; x eager, x comp: speed-up vs timm eager and vs torch.compile of timm; "
+                           "err: max |logit - timm| / max |logit|" + ("; MB: peak memory" if "MB" in short_columns
+                                                                       else "")
+                           + ". Every column: --json FILE, or a wider terminal (COLUMNS=120)."))
     if ceilings:
         out.line(f"ceilings on {where}: copy {ceilings['copy_GBps']:.1f} GB/s, {ceilings['matmul_dtype']} matmul "
                  f"{ceilings['matmul_TFLOPs']:.2f} TFLOP/s (n={ceilings['matmul_n']})")
@@ -294,6 +388,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .plot import plot_suite
 
         return plot_suite(args)
+    # torch.compile imports torch.utils.cpp_extension, which notes "No CUDA runtime is found" on
+    # any machine without a GPU: nothing to act on, and the bench runs on the CPU there anyway.
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not str(record.msg).startswith("No CUDA runtime is found"))
     out = _Out()
     try:
         if args.cmd == "info":

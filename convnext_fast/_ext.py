@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from types import ModuleType
 from typing import Optional, Tuple
+
+import torch
 
 _module: Optional[ModuleType] = None
 _error: Optional[str] = None
@@ -16,12 +19,40 @@ def load() -> Optional[ModuleType]:
     global _module, _error, _tried
     if not _tried:
         _tried = True
+        # An extension built against another torch can crash the process on import (C++ ABI),
+        # not just fail it: compare the version setup.py recorded first.
+        _error = torch_mismatch()
+        if _error is not None:
+            warnings.warn(_error, RuntimeWarning, stacklevel=2)
+            return None
         try:
             _module = importlib.import_module("convnext_fast._C")
         except ImportError as e:  # not built, or built against another torch
             _error = (f"convnext_fast._C could not be imported ({e}); build it with "
                       "`pip install -e . --no-build-isolation`")
     return _module
+
+
+def recorded_build() -> dict:
+    """What setup.py recorded when it built ``_C`` (torch, cuda, arch list, CPU ISA; the generated,
+    untracked ``convnext_fast/_build_info.py``); empty for a build without that record."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return {}
+    return dict(_build_info.BUILD)
+
+
+def torch_mismatch() -> Optional[str]:
+    """Why ``_C`` must not be loaded into this torch (None when the recorded torch is this one,
+    or nothing was recorded)."""
+    built = recorded_build().get("torch")
+    if built is None or built == torch.__version__:
+        return None
+    return (f"convnext_fast._C was built against torch {built}, but torch {torch.__version__} is "
+            "installed, so it is not loaded: the torch (reference) and triton backends still run. "
+            f"Rebuild it for torch {torch.__version__}: `pip install -e . --no-build-isolation` in "
+            "a checkout, or install a wheel built against this torch (`make wheel`)")
 
 
 def error() -> Optional[str]:

@@ -105,3 +105,45 @@ def test_bench_rejects_unknown_provider(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--providers", "tvm"])
     assert "unknown provider" in capsys.readouterr().err
+
+
+def test_bench_table_fits_80_columns_and_json_keeps_every_column(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("timm")
+    monkeypatch.setenv("COLUMNS", "80")
+    path = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "convnext_atto", "--device", "cpu", "--resolution", "32", "--batch", "2",
+               "--warmup", "0", "--iters", "2", "--no-compile", "--providers", "timm", "convnext_fast:torch",
+               "--json", str(path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert "convnext_fast:torch" in out and "x eager" in out and "--json" in out  # names whole, notes why
+    record = json.loads(path.read_text())
+    assert {"ms", "iqr_ms", "img_per_s", "speedup_vs_eager", "speedup_vs_compile", "max_err_vs_timm",
+            "peak_mem_mb"} <= set(record["results"][0])
+
+
+@pytest.mark.parametrize("rich", [True, False])
+def test_tables_fit_the_terminal_with_notes(monkeypatch, capsys, rich):
+    from convnext_fast.__main__ import _Out
+
+    columns = ["op", "torch", "cpu", "cuda", "triton"]
+    rows = [["mlp", "available", "available", "no: no cuda implementation of mlp", "available"],
+            ["mlp_grn", "available", "no: no cpu implementation of mlp_grn",
+             "no: no cuda implementation of mlp_grn", "available"]]
+    for width in (200, 60):
+        monkeypatch.setenv("COLUMNS", str(width))
+        out = _Out()
+        if not rich:
+            out.console = None
+            monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=None: __import__("os").terminal_size(
+                (width, 24)))
+        out.table("op x backend", columns, rows)
+        text = capsys.readouterr().out
+        assert max(len(line) for line in text.splitlines()) <= width, text
+        if width == 200:
+            assert "no: no cuda implementation of mlp_grn" in text and "[1]" not in text
+        else:  # long reasons move below the table, numbered in reading order, each once
+            assert "[1] no: no cuda implementation of mlp\n" in text
+            assert "[2] no: no cpu implementation of mlp_grn" in text
+            assert text.count("no: no cuda implementation of mlp_grn") == 1

@@ -8,6 +8,8 @@ can run this call (device, dtype, shape); both return None or the reason why not
 
 Selection, highest first:
 
+0. the off switch: ``CONVNEXT_FAST_DISABLE`` (``1`` for every op, or a comma list of ops) and
+   :func:`disable_kernels` make the named ops run the ``torch`` reference, whatever else asks,
 1. an explicit ``backend=`` argument to the op,
 2. the innermost :func:`use_backend` context (one backend for every op, or a mapping op -> backend),
 3. the ``CONVNEXT_FAST_BACKEND`` environment variable,
@@ -27,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -37,10 +39,12 @@ __all__ = [
     "BACKENDS", "ENV_VAR", "Reason", "Impl", "BackendError", "register", "registered", "why_not",
     "available", "select", "use_backend", "requested_backend", "auto_order", "describe",
     "last_selections", "clear_selections", "ops",
+    "DISABLE_VAR", "disable_kernels", "enable_kernels", "disabled_ops",
 ]
 
 BACKENDS = ("torch", "cpu", "cuda", "triton", "onednn")
 ENV_VAR = "CONVNEXT_FAST_BACKEND"
+DISABLE_VAR = "CONVNEXT_FAST_DISABLE"
 
 Reason = Optional[str]
 """None when a backend can run, else a sentence saying why not."""
@@ -74,6 +78,8 @@ class Impl:
 _REGISTRY: Dict[str, Dict[str, Impl]] = {}
 _CONTEXT: List[Union[str, Dict[str, str]]] = []
 _LAST: Dict[str, Tuple[str, Tuple[Tuple[str, str], ...]]] = {}
+_ALL = "*"
+_OFF_API: Optional[frozenset] = None  # ops turned off by disable_kernels() (_ALL: every op)
 
 
 def register(op: str, backend: str, impl: Impl) -> Optional[Impl]:
@@ -174,6 +180,11 @@ def select(op: str, device: torch.device, backend: Optional[str], args: Mapping[
            ) -> Tuple[str, Callable[..., torch.Tensor]]:
     """Pick the implementation of ``op`` for this call (``args``: its arguments by name); see the
     module docstring for the order."""
+    off = _is_off(op)
+    if off is not None:
+        if not torch.compiler.is_compiling():
+            _LAST[op] = ("torch", ())
+        return "torch", _REGISTRY[op]["torch"].fn
     name, source = requested_backend(backend, op)
     if name is not None:
         reason = why_not(op, name, args)
@@ -194,6 +205,82 @@ def select(op: str, device: torch.device, backend: Optional[str], args: Mapping[
         skipped.append((candidate, reason))
     lines = "; ".join(f"{b}: {r}" for b, r in skipped)
     raise BackendError(f"{op}: no backend can run this call on {device.type} ({lines})")
+
+
+def _off_names(ops_: Union[None, str, Sequence[str]], source: str) -> frozenset:
+    if ops_ is None:
+        return frozenset([_ALL])
+    names = [n.strip() for n in (ops_.split(",") if isinstance(ops_, str) else ops_)]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown:
+        raise BackendError(f"{source}: unknown op(s) {unknown}; expected some of {ops()}")
+    return frozenset(names)
+
+
+def _off_env() -> frozenset:
+    value = os.environ.get(DISABLE_VAR, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return frozenset()
+    if value in ("1", "true", "yes", "on", "all"):
+        return frozenset([_ALL])
+    return _off_names(value, DISABLE_VAR)
+
+
+def disabled_ops() -> Dict[str, str]:
+    """op -> what turned its kernels off (``CONVNEXT_FAST_DISABLE`` or ``disable_kernels()``), for
+    the ops that run the torch reference whatever else asks."""
+    out = {}
+    for source, off in ((DISABLE_VAR, _off_env()), ("disable_kernels()", _OFF_API or frozenset())):
+        for op in ops():
+            if _ALL in off or op in off:
+                out.setdefault(op, source)
+    return out
+
+
+class disable_kernels:
+    """Turn the fused kernels off: the ops run the ``torch`` reference composites instead.
+
+    ``ops``: None for every op, else op names (``"mlp"``, ``["mlp", "dwconv_ln"]``). It beats
+    every other choice (``backend=`` arguments, :func:`use_backend`, ``CONVNEXT_FAST_BACKEND``,
+    ``patch_timm(backend=...)``), as the environment variable ``CONVNEXT_FAST_DISABLE=1`` (or
+    ``=mlp,dwconv_ln``) does. Called, it stays in force until :func:`enable_kernels`; as a
+    ``with`` block, until the block ends::
+
+        with convnext_fast.disable_kernels():         # every op on the reference
+            ...
+        convnext_fast.disable_kernels(["mlp"])        # from now on, mlp on the reference
+    """
+
+    def __init__(self, ops: Union[None, str, Sequence[str]] = None):
+        global _OFF_API
+        off = _off_names(ops, "disable_kernels()")
+        self._previous = _OFF_API
+        _OFF_API = off if _OFF_API is None else _OFF_API | off
+
+    def __enter__(self) -> "disable_kernels":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _OFF_API
+        _OFF_API = self._previous
+
+
+def enable_kernels() -> None:
+    """Undo every :func:`disable_kernels` call (``CONVNEXT_FAST_DISABLE`` still applies)."""
+    global _OFF_API
+    _OFF_API = None
+
+
+def _is_off(op: str) -> Optional[str]:
+    """What turned ``op``'s kernels off, or None. Runs on every op call: cheap when nothing is."""
+    if _OFF_API is not None and (_ALL in _OFF_API or op in _OFF_API):
+        return "disable_kernels()"
+    if DISABLE_VAR in os.environ:
+        off = _off_env()
+        if _ALL in off or op in off:
+            return DISABLE_VAR
+    return None
 
 
 def describe() -> List[Tuple[str, str, Reason]]:

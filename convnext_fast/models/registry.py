@@ -1,7 +1,8 @@
 """Model variants (timm's settings for the same names), ``create_model`` and ``list_models``.
 
-``pretrained`` is always a local checkpoint path (timm, official facebookresearch or Hugging Face
-format, see :mod:`convnext_fast.models.weights`) or None; nothing is ever downloaded.
+``pretrained`` is a local checkpoint path (timm, official facebookresearch or Hugging Face
+format, see :mod:`convnext_fast.models.weights`), True for timm's pretrained weights of the name
+(fetched and cached by timm / huggingface_hub), or None/False.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .convnext import ConvNeXt, ConvNeXtFeatures
-from .weights import load_pretrained
+from .weights import load_pretrained, load_timm_pretrained, timm_pretrained_cfg
 
 __all__ = [
     "create_model", "list_models", "VARIANTS",
@@ -50,30 +51,36 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _check_pretrained(pretrained) -> Optional[PathLike]:
+def _check_pretrained(pretrained) -> Union[None, bool, PathLike]:
     if pretrained is None or pretrained is False:
         return None
-    if pretrained is True or not isinstance(pretrained, (str, os.PathLike)):
-        raise ValueError(
-            f"pretrained must be a local checkpoint path (str or os.PathLike) or None, got {pretrained!r}; "
-            "convnext_fast never downloads weights (timm.create_model(name, pretrained=True) can, then use "
-            "convnext_fast.from_timm(model))")
-    return pretrained
+    if pretrained is True or isinstance(pretrained, (str, os.PathLike)):
+        return pretrained
+    raise ValueError(f"pretrained must be True (timm's weights for the model's name), a local checkpoint "
+                     f"path (str or os.PathLike), or None/False; got {pretrained!r}")
 
 
 def _build(name: str, pretrained=None, features_only: bool = False,
-           out_indices: Sequence[int] = (0, 1, 2, 3), **kwargs) -> Union[ConvNeXt, ConvNeXtFeatures]:
-    path = _check_pretrained(pretrained)
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"):
-        if kwargs.pop(key, None) is not None:
-            raise ValueError(f"{key}= is not supported; pass the local checkpoint as pretrained=<path>")
+           out_indices: Sequence[int] = (0, 1, 2, 3), tag: Optional[str] = None, checkpoint_path=None,
+           cache_dir=None, pretrained_cfg_overlay=None, **kwargs) -> Union[ConvNeXt, ConvNeXtFeatures]:
+    # timm's checkpoint_path= (a local file) loads after pretrained=, as there.
+    sources = [src for src in (_check_pretrained(pretrained), checkpoint_path) if src is not None]
+    if kwargs.pop("pretrained_cfg", None) is not None:
+        raise ValueError("pretrained_cfg= is not supported; use pretrained_cfg_overlay=dict(...) or "
+                         "pretrained=<local path>")
+    timm_name = f"{name}.{tag}" if tag else name
+    # An unknown tag or a name without weights fails here, before a big model is built.
+    cfg = timm_pretrained_cfg(timm_name, pretrained_cfg_overlay) if any(s is True for s in sources) else None
     if features_only:
         kwargs.setdefault("num_classes", 0)  # the head is dropped anyway
     model = ConvNeXt(**dict(VARIANTS[name], **kwargs))
+    if cfg is not None:  # timm's loader fills the whole model, before a features wrapper drops its head
+        load_timm_pretrained(model, timm_name, cache_dir=cache_dir, pretrained_cfg=cfg)
     if features_only:
         model = ConvNeXtFeatures(model, out_indices)
-    if path is not None:
-        load_pretrained(model, path)
+    for src in sources:  # local files load into the wrapper too (a features checkpoint has no head)
+        if src is not True:
+            load_pretrained(model, src)
     return model
 
 
@@ -81,17 +88,20 @@ def create_model(model_name: str, pretrained=None, features_only: bool = False,
                  out_indices: Sequence[int] = (0, 1, 2, 3), **kwargs) -> Union[ConvNeXt, ConvNeXtFeatures]:
     """Build a variant by name, like ``timm.create_model``.
 
-    ``model_name``: one of :func:`list_models` (a timm pretrained tag such as
-    ``'convnext_tiny.fb_in1k'`` is accepted and ignored: weights only come from ``pretrained``).
-    ``pretrained``: a local checkpoint path or None. ``features_only=True`` returns a
+    ``model_name``: one of :func:`list_models`, optionally with a timm pretrained tag such as
+    ``'convnext_tiny.fb_in1k'`` (it picks the weights ``pretrained=True`` loads).
+    ``pretrained``: True for timm's weights of that name (fetched and cached by timm /
+    huggingface_hub; ``cache_dir=`` and ``pretrained_cfg_overlay=`` as in timm), a local checkpoint
+    path (or ``checkpoint_path=``), or None. ``features_only=True`` returns a
     :class:`ConvNeXtFeatures` giving the stage outputs at ``out_indices`` (reductions 4/8/16/32).
     Other kwargs override the variant's :class:`ConvNeXt` arguments (num_classes, in_chans,
     drop_path_rate, ...).
     """
-    base = model_name.split(".", 1)[0]
+    base, _, tag = model_name.partition(".")
     if base not in VARIANTS:
         raise ValueError(f"unknown model {model_name!r}; known models: {', '.join(list_models())}")
-    return _build(base, pretrained, features_only=features_only, out_indices=out_indices, **kwargs)
+    return _build(base, pretrained, features_only=features_only, out_indices=out_indices, tag=tag or None,
+                  **kwargs)
 
 
 def list_models(pattern: Optional[str] = None) -> List[str]:

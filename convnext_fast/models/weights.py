@@ -1,4 +1,5 @@
-"""Checkpoint loading: local files only, three naming schemes, strict loading with clear errors.
+"""Checkpoint loading: local files in three naming schemes, or timm's pretrained weights by name
+(fetched and cached by timm / huggingface_hub), strict loading with clear errors.
 
 Formats (detected from the keys, after unwrapping ``{'model': sd}``-style containers):
 
@@ -28,7 +29,7 @@ from .convnext import ConvNeXt, ConvNeXtFeatures
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "unwrap_state_dict", "detect_format", "convert_state_dict",
-    "load_state_dict_strict", "load_pretrained", "from_timm",
+    "load_state_dict_strict", "load_pretrained", "timm_pretrained_cfg", "load_timm_pretrained", "from_timm",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -55,8 +56,8 @@ def _resolve(path: PathLike) -> str:
                 return candidate
         raise CheckpointError(f"no checkpoint in directory {path!r} (looked for {', '.join(_DIR_FILES)})")
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file not found: {path!r} (pretrained= must be a local path; "
-                              "convnext_fast never downloads)")
+        raise CheckpointError(f"checkpoint file not found: {path!r} (pretrained= takes a local path, or True "
+                              "for timm's weights of the model's name)")
     return path
 
 
@@ -313,6 +314,66 @@ def load_pretrained(model: nn.Module, path: PathLike) -> nn.Module:
     """
     sd = read_checkpoint(path)
     return load_state_dict_strict(model, sd, where=f"checkpoint {os.fspath(path)!r}")
+
+
+def timm_pretrained_cfg(name: str, overlay: Optional[Mapping] = None) -> dict:
+    """timm's pretrained config for ``name`` (with ``overlay`` over it) as a dict; CheckpointError
+    when timm is missing or has no weights for the name (found without building a model)."""
+    try:
+        from timm.models import get_pretrained_cfg
+    except ImportError as e:
+        raise CheckpointError(f"pretrained=True loads timm's weights for {name!r} and needs timm "
+                              f"(pip install timm), which is not installed ({e}); or pass a local "
+                              "checkpoint: pretrained='path/to/model.safetensors'") from e
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as e:  # an unknown tag
+        raise CheckpointError(f"timm has no pretrained weights {name!r}: {e}") from e
+    cfg = cfg.to_dict() if cfg is not None else {}
+    cfg.update(overlay or {})
+    if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file") or cfg.get("state_dict")):
+        import timm
+
+        base = name.split(".", 1)[0]
+        tags = timm.list_pretrained(f"{base}.*")
+        raise CheckpointError(f"timm has no pretrained weights for {name!r}"
+                              + (f"; with weights: {', '.join(tags)}" if tags else "")
+                              + "; pass a local checkpoint as pretrained='path/to/model.safetensors'")
+    return cfg
+
+
+def load_timm_pretrained(model: ConvNeXt, name: str, cache_dir: Optional[PathLike] = None,
+                         pretrained_cfg_overlay: Optional[Mapping] = None,
+                         pretrained_cfg: Optional[Mapping] = None) -> ConvNeXt:
+    """Load timm's pretrained weights for ``name`` (a timm model name, with or without a tag such
+    as ``'convnext_tiny.fb_in22k'``) into ``model``. Returns ``model``.
+
+    timm resolves the name and fetches the file through huggingface_hub (or its URL), whose
+    cache (``HF_HUB_CACHE``, ``~/.cache/huggingface``) keeps it for later and for offline use
+    (``HF_HUB_OFFLINE=1``). As in timm, a ``num_classes`` or ``in_chans`` other than the weights'
+    leaves the classifier freshly initialised or adapts the stem. Without network or cache, the
+    :class:`CheckpointError` says how to pass a local file instead. ``pretrained_cfg``: the
+    config :func:`timm_pretrained_cfg` resolved for ``name``, when already at hand.
+    """
+    cfg = dict(pretrained_cfg) if pretrained_cfg is not None else timm_pretrained_cfg(name, pretrained_cfg_overlay)
+    from timm.models import load_pretrained as timm_load_pretrained
+    from timm.models.convnext import checkpoint_filter_fn
+
+    where = cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file") or "the given state dict"
+    try:
+        timm_load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes,
+                             in_chans=model.stem[0].in_channels, filter_fn=checkpoint_filter_fn,
+                             cache_dir=cache_dir)
+    except OSError as e:  # fetching: offline, not cached, refused (hub and URL errors are OSErrors)
+        raise CheckpointError(
+            f"cannot fetch timm's pretrained weights for {name!r} from {where} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without network, either "
+            "fill the Hugging Face cache once where there is network (e.g. "
+            f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`, then copy "
+            "~/.cache/huggingface or point HF_HUB_CACHE at it; HF_HUB_OFFLINE=1 uses it as it is), "
+            "or pass a local checkpoint (timm, official or Hugging Face format): "
+            "pretrained='path/to/model.safetensors'") from e
+    return model
 
 
 # --------------------------------------------------------------------------------------------

@@ -440,7 +440,7 @@ def test_registry():
     with pytest.raises(ValueError, match="convnext_tiny"):
         create_model("convnext_gigantic")
     with pytest.raises(ValueError, match="local"):
-        create_model("convnext_atto", pretrained=True)
+        create_model("convnext_atto", pretrained=3)
     m = create_model("convnext_atto.fb_in1k", num_classes=3)  # timm pretrained tags are accepted
     assert m.num_classes == 3 and m.head.fc.out_features == 3
     assert convnext_fast.convnext_atto(pretrained=False).num_classes == 1000

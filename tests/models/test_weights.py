@@ -295,7 +295,7 @@ def test_unexpected_key_and_bad_files(tmp_path, reference):
     with pytest.raises(CheckpointError, match="unrecognised checkpoint format"):
         create_model("convnext_atto", pretrained=junk)
     with pytest.raises(ValueError, match="local"):
-        create_model("convnext_atto", pretrained=True)
+        create_model("convnext_atto", pretrained=3)
 
 
 # --------------------------------------------------------------------------------------------
