@@ -96,9 +96,12 @@ static PyObject* cuda_limits(PyObject*, PyObject*) {
   PyObject* sizes = PyTuple_New(sizeof(kCudaKernelSizes) / sizeof(int));
   for (size_t i = 0; i < sizeof(kCudaKernelSizes) / sizeof(int); ++i)
     PyTuple_SET_ITEM(sizes, i, PyLong_FromLong(kCudaKernelSizes[i]));
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:N}", "max_c", (long long)kMaxC, "tile_w",
+  // max_shared_bytes: the most dynamic shared memory any kernel asks for, whatever C (the cuda
+  // backend checks it against the GPU's opt-in limit; backends/_cpp.py cuda_shared_bytes).
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:N}", "max_c", (long long)kMaxC, "tile_w",
                        (long long)kTileW, "bwd_static_shared_bytes",
-                       (long long)kBwdStaticSharedBytes, "max_grid_yz", (long long)kMaxGridYZ,
+                       (long long)kBwdStaticSharedBytes, "max_shared_bytes",
+                       (long long)kSharedBudget, "max_grid_yz", (long long)kMaxGridYZ,
                        "kernel_sizes", sizes);
 }
 

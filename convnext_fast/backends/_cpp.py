@@ -69,8 +69,11 @@ def _cpu_supports(op: str):
 
 
 def cuda_shared_bytes(C: int) -> int:
-    """Shared memory per block of the CUDA dwconv_ln kernels at C channels: a tile of
-    ``tile_w`` pixels x C fp32, plus the backward's static per-pixel statistics."""
+    """Shared memory per block the CUDA dwconv_ln kernels may ask for at C channels: their tilings
+    stay within one budget at every C (``max_shared_bytes``, kSharedBudget in dwconv_limits.h);
+    an older build's kernels held ``tile_w`` pixels x C fp32 plus the backward's statistics."""
+    if "max_shared_bytes" in _LIMITS:
+        return _LIMITS["max_shared_bytes"]
     return _LIMITS["tile_w"] * 4 * C + _LIMITS["bwd_static_shared_bytes"]
 
 
@@ -93,7 +96,7 @@ def _dwconv_ln_cuda_supports(x, conv_weight, **_) -> Reason:
         return None
     reason = _ext.cuda_arch_unsupported(torch.cuda.get_device_capability(x.device))
     if reason is None:
-        # sm_86/89 give a block at most 99 KiB (sm_80 163, sm_90 227): C = 4096 needs 128 KiB.
+        # sm_86/89 give a block at most 99 KiB (sm_80 163, sm_90 227); the kernels ask for 96.
         limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
         if cuda_shared_bytes(C) > limit:
             reason = (f"C = {C} needs {cuda_shared_bytes(C)} bytes of shared memory per block, "

@@ -76,7 +76,8 @@ def test_fp64_is_exact():
 BWD_SHAPES = [(2, 96, 14, 14, 7), (1, 384, 7, 7, 7), (2, 13, 9, 11, 7), (1, 40, 3, 5, 7),
               (3, 136, 1, 1, 7), (1, 7, 2, 9, 5), (2, 33, 4, 3, 3), (1, 1, 6, 6, 3),
               (2, 20, 10, 6, 9), (1, 24, 7, 17, 7), (1, 16, 6, 4, 7), (2, 24, 3, 2, 5),
-              (1, 1536, 3, 2, 7)]  # C = 1536: the CUDA dz kernel's shared memory is 48 KiB + 96 B
+              # C = 1536 / 3072 / 4000: two / three / four channel vectors per CUDA thread
+              (1, 1536, 3, 2, 7), (1, 3072, 2, 3, 7), (1, 4000, 1, 2, 3)]
 BWD_NAMES = ("dx", "d_conv_weight", "d_conv_bias", "d_ln_weight", "d_ln_bias")
 
 
