@@ -184,8 +184,18 @@ def test_bench_entries_carry_the_kind_measured(records):
     assert "kind" not in entry  # the capability unknown: a default entry
 
 
-def test_shipped_records_are_defaults():
+def test_shipped_records():
+    """A kind-specific entry names a kind that order.cpu_kind / cuda_kind can report (other kinds
+    keep the default entry or DEFAULT_ORDER), and a CPU kind's entry records the CPU's flags."""
+    import re
+
     with open(order.PATH) as f:
         entries = json.load(f)["entries"]
-    assert entries and not any("kind" in e for e in entries)
+    assert any("kind" not in e for e in entries)
+    for e in entries:
+        if "kind" in e:
+            if e["device"] == "cuda":
+                assert re.fullmatch(r"sm_\d+", e["kind"]), e
+            else:  # amx, avx512_bf16, or torch's ISA name (avx512, avx2, ...), with the flags seen
+                assert re.fullmatch(r"[a-z][a-z0-9_]*", e["kind"]) and e["measured"].get("cpu_flags"), e
     assert {e["measured"].get("capability") for e in entries if e["device"] == "cuda"} == {"9.0"}

@@ -21,6 +21,8 @@ backend with a backward; fp32 and bf16 (bf16 where oneDNN computes it natively).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._prepared import Prepared
@@ -28,6 +30,14 @@ from ..specs import SPECS
 from .registry import Impl, Reason, register
 
 _PACKED = Prepared("oneDNN packed MLP weights")
+# fp32: the hidden of one chunk of rows, in bytes, small enough to stay in cache between the two
+# GEMMs (unchunked, the [M, 4C] round trip to memory made C=96 at batch 8 take 37.5 ms instead
+# of 26-27 at 1-2 MiB on a 2-core Zen 4), while a chunk keeps at least 2C rows, so re-reading the
+# weights per chunk costs no more than the hidden it keeps out of memory (C >= 384: no chunks).
+# bf16 measured no gain from chunks (14.5 ms unchunked, 15.7 at 2 MiB): it runs whole.
+# CONVNEXT_FAST_ONEDNN_CHUNK_KB tunes it.
+_CHUNK_BYTES = int(os.environ.get("CONVNEXT_FAST_ONEDNN_CHUNK_KB", "2048")) * 1024
+_lp = torch.ops.mkldnn._linear_pointwise if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
 
 
 def _onednn_bf16() -> bool:
@@ -72,14 +82,28 @@ def mlp_onednn(y: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, fc2_weight: 
     N, C, H, W = y.shape
     w1, b1, w2, b2 = _PACKED.get((fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma),
                                  lambda: _pack(fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma))
-    rows = y.permute(0, 2, 3, 1).reshape(N * H * W, C)  # a view: the trunk is NHWC
-    h = torch.ops.mkldnn._linear_pointwise(rows, w1, b1, "gelu", [], "none")
-    if residual is None:
-        out = torch.ops.mkldnn._linear_pointwise(h, w2, b2, "none", [], "")
+    M, D = N * H * W, fc1_weight.shape[0]
+    rows = y.permute(0, 2, 3, 1).reshape(M, C)  # a view: the trunk is NHWC
+    res = None if residual is None else residual.permute(0, 2, 3, 1).reshape(M, C)
+    step = _CHUNK_BYTES // (D * y.element_size())
+    if y.dtype != torch.float32 or M <= step or step < 2 * C:
+        out = _fc2(_fc1(rows, w1, b1), res, w2, b2)
     else:
-        res = residual.permute(0, 2, 3, 1).reshape(N * H * W, C)
-        out = torch.ops.mkldnn._linear_pointwise.binary(h, res, w2, b2, "add")
+        out = torch.empty(M, C, dtype=y.dtype)
+        for a in range(0, M, step):
+            b = min(a + step, M)
+            out[a:b] = _fc2(_fc1(rows[a:b], w1, b1), None if res is None else res[a:b], w2, b2)
     return out.view(N, H, W, C).permute(0, 3, 1, 2)
+
+
+def _fc1(rows, w1, b1):
+    return _lp(rows, w1, b1, "gelu", [], "none")
+
+
+def _fc2(h, res, w2, b2):
+    if res is None:
+        return _lp(h, w2, b2, "none", [], "")
+    return _lp.binary(h, res, w2, b2, "add")
 
 
 def mlp_grn_onednn(y: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, grn_weight: torch.Tensor,
@@ -92,18 +116,14 @@ def mlp_grn_onednn(y: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, grn_weig
     w1, b1, w2, b2 = _PACKED.get((fc1_weight, fc1_bias, fc2_weight, fc2_bias, None),
                                  lambda: _pack(fc1_weight, fc1_bias, fc2_weight, fc2_bias, None))
     rows = y.permute(0, 2, 3, 1).reshape(N * H * W, C)
-    h = torch.ops.mkldnn._linear_pointwise(rows, w1, b1, "gelu", [], "none")
+    h = _fc1(rows, w1, b1)
     hf = h.view(N, H * W, D).float()
     gx = torch.linalg.vector_norm(hf, ord=2, dim=1, keepdim=True)  # [N, 1, D]
     nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
     # h + bias + weight * h * nx, as one pass over the hidden
     h = torch.addcmul(grn_bias.float(), hf, 1 + grn_weight.float() * nx).to(h.dtype).view(N * H * W, D)
-    if residual is None:
-        out = torch.ops.mkldnn._linear_pointwise(h, w2, b2, "none", [], "")
-    else:
-        res = residual.permute(0, 2, 3, 1).reshape(N * H * W, C)
-        out = torch.ops.mkldnn._linear_pointwise.binary(h, res, w2, b2, "add")
-    return out.view(N, H, W, C).permute(0, 3, 1, 2)
+    res = None if residual is None else residual.permute(0, 2, 3, 1).reshape(N * H * W, C)
+    return _fc2(h, res, w2, b2).view(N, H, W, C).permute(0, 3, 1, 2)
 
 
 _FUNCTIONS = {"mlp": mlp_onednn, "mlp_grn": mlp_grn_onednn}

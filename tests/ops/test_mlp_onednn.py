@@ -102,3 +102,16 @@ def test_model_matches_timm(dtype, model_name):
             torch.testing.assert_close(model(x), out, rtol=0, atol=0)
             assert _onednn._PACKED.made == made
     assert logits_error(out, base) <= (1e-5 if dtype == "fp32" else 5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
+def test_row_chunks(monkeypatch, dtype):
+    """Rows in chunks (the hidden of a chunk stays in cache): a last chunk shorter than the rest,
+    with and without the residual."""
+    C = 16
+    for residual in (True, False):
+        args = _case(2, C, 7, 5, dtype, residual=residual)  # 70 rows: chunks of 2C = 32, 32, 6
+        monkeypatch.setattr(_onednn, "_CHUNK_BYTES", 2 * C * 4 * C * args[0].element_size())
+        with torch.inference_mode():
+            out = ops.mlp(*args, backend="onednn")
+        check_output("mlp", out, args, name=f"onednn in row chunks, residual={residual}")
