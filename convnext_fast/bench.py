@@ -138,6 +138,13 @@ def environment(device: str) -> Dict[str, object]:
             env[mod] = __import__(mod).__version__
         except ImportError:
             env[mod] = None
+    from importlib import metadata
+
+    for dist in ("openvino", "onnxruntime"):  # the [compare] engines, without importing them
+        try:
+            env[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            env[dist] = None
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, sm_count=props.multi_processor_count,
