@@ -1,11 +1,10 @@
-"""The ``onednn`` backend (CPU inference): the block MLP as two oneDNN GEMMs on prepacked weights.
+"""The ``onednn`` backend (CPU inference): the block MLP as two oneDNN GEMMs on prepacked weights,
+on the [M = N*H*W, C] matrix the channels-last trunk already is:
 
     h   = gelu_erf(y @ W1^T + b1)                          # bias + exact GELU as a post-op
     out = h @ (gamma * W2)^T + gamma * b2 + residual       # residual add as a post-op
 
-(``mlp_grn``: GRN between the two, in fp32 torch ops over the hidden; no gamma.)
-
-on the [M = N*H*W, C] matrix the channels-last trunk already is. The GEMMs are
+(``mlp_grn``: GRN between the two, in fp32 torch ops over the hidden; no gamma.) The GEMMs are
 ``torch.ops.mkldnn._linear_pointwise`` (what torch.compile's CPU freezing pass emits), on weights
 reordered once into oneDNN's blocked layout (``_reorder_linear_weight``) with the layer scale
 folded into fc2 (in fp32, rounded once to the weight dtype); both are made once per weight
@@ -14,10 +13,12 @@ seen at the next call. Post-ops run on the fp32 accumulator, so bf16 rounds the 
 output once each (PyTorch's bf16 Linear + GELU + scale + add rounds five times).
 
 Compared with the ``cpu`` backend's fused tiles (csrc/cpu/mlp_cpu.cpp) this materialises the
-[M, 4C] hidden, but the prepacked GEMMs run closer to the FMA peak (on a Zen 4 core, 7-35% less
-CPU time per ConvNeXt-T stage in fp32, 17-33% in bf16). Which one runs is the measured order
-per CPU kind (``backend_order.json``). Inference only: a call that needs gradients goes to a
-backend with a backward; fp32 and bf16 (bf16 where oneDNN computes it natively).
+[M, 4C] hidden (in cache-sized row chunks in fp32), but the prepacked GEMMs run closer to the FMA
+peak: summed over ConvNeXt-T's blocks at batch 1 and 8 on 2 threads of a Zen 4, 12% less time in
+fp32 and 14% in bf16 (benchmarks/results/cpu_avx512_bf16_ops.json). Which one runs is the
+measured order per CPU kind (``backend_order.json``). Inference only: a call that needs
+gradients goes to a backend with a backward; fp32 and bf16 (bf16 where oneDNN computes it
+natively).
 """
 from __future__ import annotations
 
