@@ -114,6 +114,17 @@ def grads(fn, args, grad_out):
     return out, [t.grad if isinstance(t, torch.Tensor) else None for t in live]
 
 
+def check_low_gradients(op: str, args, grad_out, name: str = "") -> None:
+    """bf16/fp16 autograd through the backend's custom op against the fp64 reference, within the
+    low-precision rule (2x PyTorch's own error in that dtype)."""
+    _, got = grads(triton_op(op), args, grad_out)
+    _, same = grads(ref(op), args, grad_out)
+    _, want = grads(ref(op), as64(args), grad_out.double())
+    for arg, g, s, w in zip(SPECS[op].names, got, same, want):
+        if g is not None:
+            check_low(g, w, s, f"d{arg}-{name}")
+
+
 def check_gradients(op: str, args, grad_out, name: str = "") -> None:
     """fp32 autograd through the backend's custom op against autograd of the fp64 reference."""
     out, got = grads(triton_op(op), args, grad_out)

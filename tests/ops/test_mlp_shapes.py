@@ -14,9 +14,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # _kernel_tests.py (importlib import mode adds none)
-from _kernel_tests import (CL, DEVICE, as64, check_forward, check_gradients,  # noqa: E402
-                          check_low, grads, inputs, launcher, ref, skip_module_unless_triton,
-                          triton_op)
+from _kernel_tests import (CL, DEVICE, as64, check_forward, check_gradients, check_low_gradients,  # noqa: E402
+                          check_low, grads, inputs, launcher, ref, skip_module_unless_triton)
 
 from convnext_fast.specs import SPECS  # noqa: E402
 from convnext_fast.testing import assert_fp32  # noqa: E402
@@ -53,12 +52,7 @@ def test_forward_backward(case):
     if dtype == FP32:
         check_gradients(op, args, go, name=_id(case))
         return
-    _, got = grads(triton_op(op), args, go)
-    _, same = grads(ref(op), args, go)
-    _, want = grads(ref(op), as64(args), go.double())
-    for name, g, s, w in zip(SPECS[op].names, got, same, want):
-        if g is not None:
-            check_low(g, w, s, f"d{name}-{_id(case)}")
+    check_low_gradients(op, args, go, _id(case))
 
 
 # (op, N, C, H, W, dtype, options): the backward launcher on both paths, fp32 included (where

@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # _kernel_tests.py (importlib import mode adds none)
 from _kernel_tests import (CL, DEVICE, as64, check_common_refusals,  # noqa: E402
-                          check_forward, check_gradients, check_low, grads, inputs, launcher,
+                          check_forward, check_gradients, check_low_gradients, grads,
+                          inputs, launcher,
                           ref, skip_module_unless_triton, triton_op)
 
 from convnext_fast.specs import SPECS  # noqa: E402
@@ -101,12 +102,7 @@ def test_backward_fp32(case):
 def test_backward_low_precision(op, dtype):
     args = inputs(op, 2, 96, 7, 7, dtype, DEVICE)
     go = torch.randn(2, 96, 7, 7, device=DEVICE).to(dtype).contiguous(memory_format=CL)
-    _, got = grads(triton_op(op), args, go)
-    _, same = grads(ref(op), args, go)
-    _, want = grads(ref(op), as64(args), go.double())
-    for name, g, sm, w in zip(SPECS[op].names, got, same, want):
-        if g is not None:
-            check_low(g, w, sm, f"d{name}-{dtype}")
+    check_low_gradients(op, args, go, str(dtype))
 
 
 @pytest.mark.parametrize("op", OPS)
