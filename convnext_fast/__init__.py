@@ -9,6 +9,7 @@
 See README.md; ``python -m convnext_fast info`` shows which backend runs each op and why.
 """
 from . import backends, ops, reference, specs
+from ._prepared import clear_all as clear_prepared
 from .backends import BackendError, use_backend
 from .backends.registry import disable_kernels, disabled_ops, enable_kernels
 from .models import *  # noqa: F401,F403  (variant constructors, create_model, from_timm, ...)
@@ -20,4 +21,4 @@ backends.load()  # each backend registers its implementations of the ops in spec
 __version__ = "0.1.0"
 
 __all__ = ["backends", "ops", "reference", "specs", "BackendError", "use_backend", "disable_kernels",
-           "enable_kernels", "disabled_ops", "patch_timm", "unpatch_timm", "PatchReport", *_model_names]
+           "enable_kernels", "disabled_ops", "clear_prepared", "patch_timm", "unpatch_timm", "PatchReport", *_model_names]

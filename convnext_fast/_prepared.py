@@ -6,6 +6,13 @@ the next call prepare it again, and drops it when its first source tensor is fre
 without a version counter (inference tensors) are never cached: their in-place changes would go
 unseen. A view (a 1x1 conv weight seen as [D, C], made anew on every call) is keyed by the tensor
 it views and its shape: the view shares that tensor's version counter.
+
+Swapping a parameter's ``.data`` (``module.to(dtype)``, ``.half()``, loaders that assign
+``p.data = ...``) keeps the parameter and its version counter, so a value is also tied to the
+memory, dtype and device its sources had: an entry holds a reference to its sources' memory
+(until it is replaced or dropped), so no new tensor can reuse that address while the entry
+lives. Unseen, as by any version check: in-place writes through ``p.data`` (``p.data.mul_(2)``
+changes another tensor's version counter); call :func:`clear_all` after them.
 """
 from __future__ import annotations
 
@@ -15,12 +22,29 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Prepared", "cacheable", "owner"]
+__all__ = ["Prepared", "cacheable", "owner", "clear_all"]
+
+_ALL: "weakref.WeakSet[Prepared]" = weakref.WeakSet()
 
 
 def owner(t: torch.Tensor) -> torch.Tensor:
     """The tensor that owns ``t``'s memory and version counter: ``t``, or the tensor it views."""
     return t if t._base is None else t._base
+
+
+def _state(t: Optional[torch.Tensor]) -> tuple:
+    """What must be unchanged for a value made from ``t`` to hold: its version, and where and
+    what its memory is (a ``.data`` swap keeps the version)."""
+    if t is None:
+        return ()
+    return t._version, t.data_ptr(), t.dtype, t.device
+
+
+def clear_all() -> None:
+    """Forget every prepared value (casts, packed weights): the next call prepares them again.
+    Needed only after in-place writes that bypass the version counter (``p.data.copy_(...)``)."""
+    for cache in list(_ALL):
+        cache.clear()
 
 
 def cacheable(t: Optional[torch.Tensor]) -> bool:
@@ -34,27 +58,30 @@ class Prepared:
 
     def __init__(self, name: str):
         self.name = name
-        self._entries: Dict[Tuple[int, ...], Tuple[tuple, Tuple[int, ...], object]] = {}
+        self._entries: Dict[tuple, Tuple[tuple, tuple, object, tuple]] = {}
         self._lock = threading.Lock()
         self.made = 0  # how many values were made: a test's way to see reuse
+        _ALL.add(self)
 
     def get(self, sources: Sequence[Optional[torch.Tensor]], make: Callable[[], object]) -> object:
         if not all(cacheable(t) for t in sources):
             return make()
         owners = tuple(None if t is None else owner(t) for t in sources)
         key = tuple(None if t is None else (id(o), t.shape) for t, o in zip(sources, owners))
-        versions = tuple(-1 if t is None else t._version for t in sources)
+        states = tuple(_state(t) for t in sources)
         with self._lock:
             entry = self._entries.get(key)
         # ids are reused after a tensor dies: the weak references say whether these are the same
-        if entry is not None and entry[1] == versions and \
+        if entry is not None and entry[1] == states and \
                 all(r is None and o is None or r is not None and r() is o for r, o in zip(entry[0], owners)):
             return entry[2]
         value = make()
         refs = tuple(None if o is None else weakref.ref(o) for o in owners)
+        # the sources' memory, held so that no other tensor takes its address while the entry lives
+        pins = tuple(None if t is None else t.detach() for t in sources)
         with self._lock:
             fresh = entry is None
-            self._entries[key] = (refs, versions, value)
+            self._entries[key] = (refs, states, value, pins)
             self.made += 1
         first = next((o for o in owners if o is not None), None)
         if fresh and first is not None:  # a version update keeps the finalizer it had

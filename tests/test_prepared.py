@@ -2,6 +2,7 @@
 unchanged, made again after an in-place change, dropped with the parameter; and the two users of
 it, the autocast cast of parameters and the oneDNN backend's packed weights, stay correct across
 a weight update (a stale cache would fail parity after the update)."""
+import copy
 import gc
 
 import pytest
@@ -117,3 +118,65 @@ def test_cpu_mlp_converted_weights_follow_in_place_changes(monkeypatch, dtype):
         expect = reference.mlp(*(t.double() for t in args)).to(dtype)
         torch.testing.assert_close(out, expect, rtol=2e-2, atol=2e-2)
         assert not torch.equal(out, first)
+
+
+def test_a_data_swap_is_seen_though_the_version_stays():
+    """``p.data = ...`` (what ``module.to(dtype)`` and some loaders do) keeps the parameter and its
+    version counter; the cache must still see new memory, a new dtype or a new device."""
+    cache, p = Prepared("test"), torch.nn.Parameter(torch.randn(4))
+    assert torch.equal(cache.get((p,), lambda: p.detach().clone()), p)
+    for _ in range(50):  # swaps with and without a call between: freed addresses get reused
+        p.data = torch.randn(4)
+        p.data = torch.randn(4)
+        assert p._version == 0
+        assert torch.equal(cache.get((p,), lambda: p.detach().clone()), p)
+    p.data = p.data.to(torch.bfloat16)
+    assert cache.get((p,), lambda: p.detach().clone()).dtype == torch.bfloat16
+
+
+def test_clear_all_forgets_every_cache():
+    from convnext_fast import clear_prepared
+    cache, p = Prepared("test"), torch.nn.Parameter(torch.randn(4))
+    cache.get((p,), lambda: p.detach().clone())
+    p.data.mul_(2)  # bypasses the version counter: unseen until the caches are cleared
+    assert not torch.equal(cache.get((p,), lambda: p.detach().clone()), p)
+    clear_prepared()
+    assert torch.equal(cache.get((p,), lambda: p.detach().clone()), p)
+
+
+@pytest.mark.parametrize("backend", ["onednn", "cpu", "torch"])
+def test_model_weights_swapped_after_a_call_are_used(backend):
+    """A model run (caches filled), then its parameters' ``.data`` replaced (new values, version
+    unchanged), then the model cast with ``.to(torch.bfloat16)`` (another ``.data`` swap): each
+    call after a swap must use the new weights."""
+    import convnext_fast
+    why = backends.available("mlp", backend)
+    if why is not None:
+        pytest.skip(str(why))
+    torch.manual_seed(0)
+    model = convnext_fast.convnext_atto(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+
+    def check(x):
+        with backends.use_backend({"mlp": backend}):
+            out = model(x)
+        fresh = copy.deepcopy(model)  # new parameters: nothing cached for them
+        with backends.use_backend("torch"):
+            expect = fresh(x)
+        assert out.dtype == expect.dtype
+        torch.testing.assert_close(out.float(), expect.float(), rtol=0.05, atol=0.05)
+
+    def check_fp32_and_autocast():
+        with torch.inference_mode():
+            for dtype in (torch.float32, torch.bfloat16):
+                with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+                    check(x)
+
+    check_fp32_and_autocast()
+    # outside inference mode, as a loader runs: the new tensors are ordinary (cacheable) ones
+    for p in model.parameters():
+        p.data = p.data.flip(0).contiguous()
+    check_fp32_and_autocast()
+    model.to(torch.bfloat16)
+    with torch.inference_mode():
+        check(x.bfloat16())
