@@ -1,7 +1,8 @@
 # One-command set-up on a fresh machine: each target installs what it needs first.
 #   make test        install, build the extension in place, run the test suite (+ benchmark smoke)
 #   make bench       install, build, benchmark ConvNeXt-T: convnext_fast vs timm eager vs torch.compile
-#   make wheel       a wheel in dist/ holding convnext_fast._C for the torch installed here
+#   make wheel       a wheel in dist/ holding convnext_fast._C for the torch installed here (AVX2 CPU
+#                    kernels, so it runs on other x86-64 machines; CONVNEXT_FAST_CPU_ISA=avx512 for AVX-512)
 #   make gpu-check   on a GPU machine (no network), at most 9 minutes: build in place, the GPU checks,
 #                    sanitizer, ceilings, op and model tables; log + record to $$OUT (when set) and
 #                    benchmarks/results/. GPU_CHECK_DRY=1: the same steps on this CPU at tiny shapes
@@ -81,7 +82,7 @@ bench: install
 wheel: deps
 	@$(call step,wheel-deps.log,installing build,$(PIP) install build); $(call pip_summary,wheel-deps.log)
 	@$(call step,wheel.log,building a wheel into dist/ (minutes: it compiles the extension),\
-	  $(PYTHON) -m build --wheel --no-isolation --outdir dist .,$(BUILD_HINT),$(progress)); \
+	  CONVNEXT_FAST_CPU_ISA=$${CONVNEXT_FAST_CPU_ISA:-avx2} $(PYTHON) -m build --wheel --no-isolation --outdir dist .,$(BUILD_HINT),$(progress)); \
 	  $(call built,wheel.log); echo "    $$(ls -t dist/*.whl | head -n 1)"
 
 gpu-check:

@@ -57,15 +57,37 @@ def _pip_cuda_includes(cuda_home):
     return dirs
 
 
+# What each CPU ISA build needs of the CPU (/proc/cpuinfo flags) and the flags it compiles with:
+# at::vec's AVX-512 vectors (16 fp32 lanes, 32 registers) need all four AVX-512 subsets.
+_ISA = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+                # GCC's own avx512fintrin.h (`__m512 __Y = __Y;`) warns on every at::vec use
+                "-Wno-maybe-uninitialized"]),
+    "avx2": (("avx2", "fma", "f16c"),
+             ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]),
+    "default": ((), []),
+}
+
+
 def _cpu_flags():
-    """-m flags for the build machine's vector ISA; the extension is built where it runs."""
+    """-m flags for a vector ISA: the build machine's best (the extension is built where it runs),
+    or CONVNEXT_FAST_CPU_ISA=avx512|avx2|default (`make wheel` builds avx2, which runs on every
+    x86-64 CPU of the last decade; an extension whose ISA the CPU lacks is not loaded)."""
+    asked = os.environ.get("CONVNEXT_FAST_CPU_ISA", "native").strip().lower()
+    if asked != "native":
+        if asked not in _ISA:
+            sys.exit(f"CONVNEXT_FAST_CPU_ISA={asked!r}: expected native, {', '.join(_ISA)}")
+        return _ISA[asked][1], asked
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read().split()
     except OSError:
-        return [], ""
-    if all(f in info for f in ("avx2", "fma", "f16c")):
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"], "avx2"
+        return [], "default"
+    for name, (needs, flags) in _ISA.items():
+        if all(f in info for f in needs):
+            return flags, name
     return [], "default"
 
 

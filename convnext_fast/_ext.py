@@ -21,7 +21,7 @@ def load() -> Optional[ModuleType]:
         _tried = True
         # An extension built against another torch can crash the process on import (C++ ABI),
         # not just fail it: compare the version setup.py recorded first.
-        _error = torch_mismatch()
+        _error = torch_mismatch() or isa_mismatch()
         if _error is not None:
             warnings.warn(_error, RuntimeWarning, stacklevel=2)
             return None
@@ -53,6 +53,39 @@ def torch_mismatch() -> Optional[str]:
             "installed, so it is not loaded: the torch (reference) and triton backends still run. "
             f"Rebuild it for torch {torch.__version__}: `pip install -e . --no-build-isolation` in "
             "a checkout, or install a wheel built against this torch (`make wheel`)")
+
+
+# What the CPU must have for each ISA setup.py builds for (/proc/cpuinfo flags; setup.py's _ISA).
+_ISA_NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
+              "avx2": ("avx2", "fma", "f16c")}
+
+
+def _cpu_flags() -> Optional[set]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def isa_mismatch(flags: Optional[set] = None) -> Optional[str]:
+    """Why ``_C`` must not be loaded on this CPU: it was compiled for vector instructions the CPU
+    lacks (a wheel or a shared install built on another machine), which would kill the process
+    with SIGILL at the first kernel. None when it fits, or when the CPU's flags are unknown."""
+    built = recorded_build().get("cpu_flags")
+    flags = _cpu_flags() if flags is None else flags
+    if built not in _ISA_NEEDS or flags is None:
+        return None
+    missing = [f for f in _ISA_NEEDS[built] if f not in flags]
+    if not missing:
+        return None
+    return (f"convnext_fast._C was compiled for {built} CPUs, but this CPU lacks "
+            f"{', '.join(missing)}, so it is not loaded: the torch (reference) and triton backends "
+            "still run. Rebuild it here (`pip install -e . --no-build-isolation`), or build a "
+            "portable one with CONVNEXT_FAST_CPU_ISA=avx2 (what `make wheel` does)")
 
 
 def error() -> Optional[str]:

@@ -92,6 +92,29 @@ def test_build_record_of_this_torch_loads():
     assert recorded["torch"] == torch.__version__ and _ext.torch_mismatch() is None
 
 
+def test_extension_for_a_wider_cpu_isa_is_not_loaded(monkeypatch):
+    """An AVX-512 build on an AVX2-only CPU would die of SIGILL at the first kernel: not loaded."""
+    from convnext_fast import _ext
+
+    monkeypatch.setattr(_ext, "recorded_build", lambda: {"torch": torch.__version__, "cpu_flags": "avx512"})
+    avx2 = {"avx2", "fma", "f16c", "sse4_2"}
+    why = _ext.isa_mismatch(avx2)
+    assert "compiled for avx512 CPUs, but this CPU lacks avx512f, avx512bw, avx512vl, avx512dq" in why
+    assert "CONVNEXT_FAST_CPU_ISA=avx2" in why
+    assert _ext.isa_mismatch(avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}) is None
+    monkeypatch.setattr(_ext, "recorded_build", lambda: {"torch": torch.__version__, "cpu_flags": "avx2"})
+    assert "lacks avx2, fma, f16c" in _ext.isa_mismatch({"sse4_2"})
+    assert _ext.isa_mismatch(avx2) is None
+    monkeypatch.setattr(_ext, "recorded_build", lambda: {"torch": torch.__version__, "cpu_flags": "default"})
+    assert _ext.isa_mismatch(set()) is None
+
+
+def test_this_build_fits_this_cpu():
+    from convnext_fast import _ext
+
+    assert _ext.isa_mismatch() is None
+
+
 def _tree(dest: Path) -> None:
     """The checkout's files as git sees them (tracked, and new ones not ignored): no build outputs."""
     listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
