@@ -13,6 +13,10 @@ memory, dtype and device its sources had: an entry holds a reference to its sour
 (until it is replaced or dropped), so no new tensor can reuse that address while the entry
 lives. Unseen, as by any version check: in-place writes through ``p.data`` (``p.data.mul_(2)``
 changes another tensor's version counter); call :func:`clear_all` after them.
+
+Nothing is cached while torch.distributed is initialized (:func:`caching_allowed`): FSDP2
+all-gathers new values into the memory of its unsharded parameters with their version counters
+preserved, so a cache would hand out the first step's weights forever.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Prepared", "cacheable", "owner", "clear_all"]
+__all__ = ["Prepared", "cacheable", "caching_allowed", "owner", "clear_all"]
 
 _ALL: "weakref.WeakSet[Prepared]" = weakref.WeakSet()
 
@@ -45,6 +49,15 @@ def clear_all() -> None:
     Needed only after in-place writes that bypass the version counter (``p.data.copy_(...)``)."""
     for cache in list(_ALL):
         cache.clear()
+    from . import _ext  # the C++ kernels' own cache (csrc/include/derived_cache.h)
+    module = _ext.load()
+    if module is not None and hasattr(module, "clear_cache"):
+        module.clear_cache()
+
+
+def caching_allowed() -> bool:
+    """Whether values may be cached at all now: not under torch.distributed (see above)."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 def cacheable(t: Optional[torch.Tensor]) -> bool:
@@ -64,7 +77,7 @@ class Prepared:
         _ALL.add(self)
 
     def get(self, sources: Sequence[Optional[torch.Tensor]], make: Callable[[], object]) -> object:
-        if not all(cacheable(t) for t in sources):
+        if not all(cacheable(t) for t in sources) or not caching_allowed():
             return make()
         owners = tuple(None if t is None else owner(t) for t in sources)
         key = tuple(None if t is None else (id(o), t.shape) for t, o in zip(sources, owners))

@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "include/derived_cache.h"
 #include "include/dwconv_limits.h"
 #include "include/mlp_cpu.h"
 
@@ -105,9 +106,24 @@ static PyObject* cuda_limits(PyObject*, PyObject*) {
                        "kernel_sizes", sizes);
 }
 
+// clear_cache(): forget the weights derived once per version (include/derived_cache.h).
+static PyObject* clear_cache(PyObject*, PyObject*) {
+  convnext_fast::derived_cache().clear();
+  Py_RETURN_NONE;
+}
+
+// set_cache_enabled(on) -> the previous setting, for the calling thread (derived_cache.h).
+static PyObject* set_cache_enabled(PyObject*, PyObject* on) {
+  const bool was = convnext_fast::DerivedCache::set_enabled(PyObject_IsTrue(on) == 1);
+  return PyBool_FromLong(was);
+}
+
 static PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "Facts recorded when the extension was built."},
     {"cuda_limits", cuda_limits, METH_NOARGS, "The CUDA dwconv_ln kernels' limits."},
+    {"clear_cache", clear_cache, METH_NOARGS, "Forget the weights derived once per version."},
+    {"set_cache_enabled", set_cache_enabled, METH_O,
+     "Turn the derived-weight cache on or off for this thread; returns the previous setting."},
     {"cpu_gemm_dtypes", cpu_gemm_dtypes, METH_NOARGS,
      "The dtype of the CPU mlp forward's GEMMs for bf16 and fp16 inputs."},
     {nullptr, nullptr, 0, nullptr}};

@@ -180,3 +180,77 @@ def test_model_weights_swapped_after_a_call_are_used(backend):
     model.to(torch.bfloat16)
     with torch.inference_mode():
         check(x.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_dwconv_ln_taps_follow_weight_changes(dtype):
+    """The C++ CPU dwconv_ln rearranges the conv weight into its tap layout once per version
+    (csrc/include/derived_cache.h): in-place changes and .data swaps are seen at the next call;
+    writes through .data once convnext_fast.clear_prepared() has run."""
+    if backends.available("dwconv_ln", "cpu") is not None:
+        pytest.skip(str(backends.available("dwconv_ln", "cpu")))
+    import convnext_fast
+    torch.manual_seed(0)
+    C = 12
+    x = torch.randn(2, C, 9, 10, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.nn.Parameter(torch.randn(C, 1, 7, 7, dtype=dtype) / 7)
+    b, lw, lb = (torch.nn.Parameter(torch.randn(C, dtype=dtype)) for _ in range(3))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+
+    def check(expect_seen=True):
+        with torch.inference_mode():
+            out = ops.dwconv_ln(x, w, b, lw, lb, 1e-6, backend="cpu")
+        expect = reference.dwconv_ln(*(t.double() for t in (x, w, b, lw, lb)), 1e-6).to(dtype)
+        if expect_seen:
+            torch.testing.assert_close(out, expect, **tol)
+        else:
+            assert not torch.allclose(out.float(), expect.float(), **tol)
+
+    check()
+    check()
+    with torch.no_grad():
+        w.mul_(-1)
+    check()
+    w.data = torch.randn_like(w) / 7
+    check()
+    w.data.mul_(-1)  # bypasses the version counter
+    check(expect_seen=False)
+    convnext_fast.clear_prepared()
+    check()
+
+
+def test_nothing_is_cached_under_torch_distributed(monkeypatch):
+    """FSDP2 writes new values into its parameters' memory with their versions preserved: with
+    torch.distributed initialized, casts, packed weights and the C++ derived weights are made per
+    call (a write that no version check sees is then seen at once)."""
+    import torch.distributed as dist
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    cache, p = Prepared("test"), torch.nn.Parameter(torch.randn(4))
+    cache.get((p,), lambda: p.detach().clone())
+    p.data.mul_(2)
+    assert torch.equal(cache.get((p,), lambda: p.detach().clone()), p) and len(cache) == 0
+    if backends.available("dwconv_ln", "cpu") is None:
+        C = 8
+        x = torch.randn(1, C, 5, 6).contiguous(memory_format=torch.channels_last)
+        w = torch.nn.Parameter(torch.randn(C, 1, 7, 7) / 7)
+        b, lw, lb = (torch.nn.Parameter(torch.randn(C)) for _ in range(3))
+        for _ in range(2):
+            with torch.no_grad():
+                out = ops.dwconv_ln(x, w, b, lw, lb, 1e-6, backend="cpu")
+            torch.testing.assert_close(out, reference.dwconv_ln(x, w, b, lw, lb, 1e-6), rtol=1e-4, atol=1e-4)
+            w.data.mul_(-1)
+
+
+def test_cpu_dwconv_ln_derives_per_call_when_training():
+    """With gradients needed, the conv taps are made per call: a write that bypasses the version
+    counter (as FSDP2's all-gather does) is seen by the next training call."""
+    if backends.available("dwconv_ln", "cpu") is not None:
+        pytest.skip(str(backends.available("dwconv_ln", "cpu")))
+    C = 8
+    x = torch.randn(1, C, 5, 6).contiguous(memory_format=torch.channels_last)
+    w = torch.nn.Parameter(torch.randn(C, 1, 7, 7) / 7)
+    b, lw, lb = (torch.nn.Parameter(torch.randn(C)) for _ in range(3))
+    for _ in range(2):
+        out = ops.dwconv_ln(x, w, b, lw, lb, 1e-6, backend="cpu")
+        torch.testing.assert_close(out, reference.dwconv_ln(x, w, b, lw, lb, 1e-6), rtol=1e-4, atol=1e-4)
+        w.data.mul_(-1)

@@ -16,6 +16,7 @@ from typing import Dict
 import torch
 
 from .. import _ext, reference
+from .._prepared import caching_allowed
 from ..specs import SPECS, autograd_formula
 from .registry import Impl, Reason, register
 
@@ -130,13 +131,32 @@ def _available(op: str, device: str):
     return lambda: reason
 
 
+def _with_cache(op, args):
+    """``op(*args)`` with the C++ kernels' cache of derived weights (conv taps, converted
+    weights; csrc/include/derived_cache.h) on for this call where it is safe: no gradient needed
+    (training derives per call, as autocast does) and no torch.distributed (see _prepared).
+    Compiled graphs call the op alone, as they would any op."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    module = _ext.load()
+    if module is None or not hasattr(module, "set_cache_enabled") or not caching_allowed() or (
+            torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                            for t in args)):
+        return op(*args)
+    was = module.set_cache_enabled(True)
+    try:
+        return op(*args)
+    finally:
+        module.set_cache_enabled(was)
+
+
 def _dwconv_ln(**args):
     # y; mean and rstd are kept for the backward by the op's autograd
-    return torch.ops.convnext_fast.dwconv_ln(*args.values())[0]
+    return _with_cache(torch.ops.convnext_fast.dwconv_ln, tuple(args.values()))[0]
 
 
 def _mlp(**args):
-    return torch.ops.convnext_fast.mlp(*args.values())
+    return _with_cache(torch.ops.convnext_fast.mlp, tuple(args.values()))
 
 
 for _op, _bwd in (("dwconv_ln", _dwconv_ln_bwd), ("mlp", _mlp_bwd)):

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../include/cpu_vec.h"
+#include "../include/derived_cache.h"
 #include "../include/dwconv_ln.h"
 #include "../include/dwconv_ln_bwd.h"
 
@@ -370,8 +371,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln
   const at::Tensor w_taps = cpu::conv_taps(conv_weight);
   const at::Tensor w_flip = cpu::conv_taps(conv_weight, true, cpu::conv_blocked(k));
   const at::Tensor b32 =
-      conv_bias.has_value() ? conv_bias->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor lw32 = ln_weight.to(at::kFloat).contiguous();
+      conv_bias.has_value() ? converted_weight(*conv_bias, at::kFloat) : at::Tensor();
+  const at::Tensor lw32 = converted_weight(ln_weight, at::kFloat);
   auto opts = x.options().dtype(at::kFloat);
   at::Tensor dw_taps = at::empty({k * k, C}, opts);
   at::Tensor db32 = at::empty({C}, opts), dlw32 = at::empty({C}, opts), dlb32 = at::empty({C}, opts);

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../include/cpu_vec.h"
+#include "../include/derived_cache.h"
 #include "../include/dwconv_ln.h"
 
 namespace convnext_fast {
@@ -163,9 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_cpu(
   }
   const at::Tensor w_taps = cpu::conv_taps(conv_weight, false, cpu::conv_blocked(k));
   const at::Tensor b32 =
-      conv_bias.has_value() ? conv_bias->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor lw32 = ln_weight.to(at::kFloat).contiguous();
-  const at::Tensor lb32 = ln_bias.to(at::kFloat).contiguous();
+      conv_bias.has_value() ? converted_weight(*conv_bias, at::kFloat) : at::Tensor();
+  const at::Tensor lw32 = converted_weight(ln_weight, at::kFloat);
+  const at::Tensor lb32 = converted_weight(ln_bias, at::kFloat);
   auto launch = [&](auto* x_ptr, auto* y_ptr) {
     dwconv_ln_cpu_kernel(x_ptr, w_taps.data_ptr<float>(),
                          b32.defined() ? b32.data_ptr<float>() : nullptr, lw32.data_ptr<float>(),

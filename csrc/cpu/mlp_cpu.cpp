@@ -51,6 +51,7 @@
 
 #include "../include/checks.h"
 #include "../include/cpu_vec.h"
+#include "../include/derived_cache.h"
 #include "../include/mlp_cpu.h"
 
 namespace convnext_fast {
@@ -193,71 +194,6 @@ const acc_t* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<acc_t>() : nullptr;
 }
 
-// Weights converted to another dtype once per version, not on every call (a bf16 model on a CPU
-// whose GEMMs run in fp32 converted both [4C, C] matrices per call: ~8 ms at C = 768, batch 1).
-// An entry is keyed by what the tensor views (storage, offset, sizes, strides: the model passes a
-// 1x1-conv weight as a fresh [D, C] view each call) and the target dtype; it is valid while that
-// storage lives and its version counter (shared by every view of it) is unchanged, so an
-// optimizer step or a weight load is seen at the next call. Inference tensors have no version
-// counter and are converted per call.
-class ConvertedWeights {
- public:
-  at::Tensor get(const at::Tensor& t, at::ScalarType st) {
-    if (t.scalar_type() == st && t.is_contiguous()) return t.detach();
-    if (t.is_inference()) return convert(t, st);
-    const int64_t version = t._version();
-    const Key key{t.storage().unsafeGetStorageImpl(), t.storage_offset(), t.sizes().vec(),
-                  t.strides().vec(), st};
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      for (const Entry& e : entries_) {
-        if (e.key == key && e.version == version && !e.storage.expired()) return e.value;
-      }
-    }
-    at::Tensor value = convert(t, st);
-    std::lock_guard<std::mutex> lock(mutex_);
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
-                                  [&](const Entry& e) { return e.key == key || e.storage.expired(); }),
-                   entries_.end());
-    if (entries_.size() >= kMaxEntries) entries_.clear();
-    entries_.push_back({key, c10::weak_intrusive_ptr<c10::StorageImpl>(
-                                 t.storage().getWeakStorageImpl()), version, value});
-    return value;
-  }
-
- private:
-  struct Key {
-    const c10::StorageImpl* storage;
-    int64_t offset;
-    std::vector<int64_t> sizes, strides;
-    at::ScalarType st;
-    bool operator==(const Key& o) const {
-      return storage == o.storage && offset == o.offset && sizes == o.sizes && strides == o.strides &&
-             st == o.st;
-    }
-  };
-  struct Entry {
-    Key key;
-    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
-    int64_t version;
-    at::Tensor value;
-  };
-  // Two matrices per block: room for the largest model's blocks in two dtypes.
-  static constexpr size_t kMaxEntries = 512;
-
-  static at::Tensor convert(const at::Tensor& t, at::ScalarType st) {
-    return t.detach().to(st).contiguous();
-  }
-
-  std::mutex mutex_;
-  std::vector<Entry> entries_;
-};
-
-ConvertedWeights& converted_weights() {
-  static ConvertedWeights cache;
-  return cache;
-}
-
 // The weights in `gemm` (the GEMMs' dtype), the bias and layer-scale vectors in `acc` (the
 // epilogues' dtype).
 MlpParams compute_params(const at::Tensor& w1, const std::optional<at::Tensor>& b1,
@@ -267,13 +203,14 @@ MlpParams compute_params(const at::Tensor& w1, const std::optional<at::Tensor>& 
   // Detached, and every parallel region below re-enters the caller's thread-local state
   // (at::ThreadLocalStateGuard): the GEMMs also run on at::parallel_for's worker threads, where
   // the caller's autograd/inference-mode guards would not otherwise reach.
-  auto conv = [](const at::Tensor& t, at::ScalarType st) { return t.detach().to(st).contiguous(); };
   auto conv_opt = [&](const std::optional<at::Tensor>& t) {
-    return t.has_value() ? conv(*t, acc) : at::Tensor();
+    return t.has_value() ? converted_weight(*t, acc) : at::Tensor();
   };
   const at::ScalarType wt = gemm.value_or(acc);
-  ConvertedWeights& cache = converted_weights();
-  return {cache.get(w1, wt), cache.get(w2, wt), conv_opt(b1), conv_opt(b2), conv_opt(gamma)};
+  // converted once per version (derived_cache.h): a bf16 model on a CPU whose GEMMs run in fp32
+  // converted both [4C, C] matrices per call, ~8 ms at C = 768, batch 1
+  return {converted_weight(w1, wt), converted_weight(w2, wt), conv_opt(b1), conv_opt(b2),
+          conv_opt(gamma)};
 }
 
 void check_mlp(const char* op, const at::Tensor& y, const at::Tensor& w1,
