@@ -36,14 +36,6 @@ def owner(t: torch.Tensor) -> torch.Tensor:
     return t if t._base is None else t._base
 
 
-def _state(t: Optional[torch.Tensor]) -> tuple:
-    """What must be unchanged for a value made from ``t`` to hold: its version, and where and
-    what its memory is (a ``.data`` swap keeps the version)."""
-    if t is None:
-        return ()
-    return t._version, t.data_ptr(), t.dtype, t.device
-
-
 def clear_all() -> None:
     """Forget every prepared value (casts, packed weights): the next call prepares them again.
     Needed only after in-place writes that bypass the version counter (``p.data.copy_(...)``)."""
@@ -55,9 +47,12 @@ def clear_all() -> None:
         module.clear_cache()
 
 
+_DIST = torch.distributed if torch.distributed.is_available() else None
+
+
 def caching_allowed() -> bool:
     """Whether values may be cached at all now: not under torch.distributed (see above)."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    return _DIST is None or not _DIST.is_initialized()
 
 
 def cacheable(t: Optional[torch.Tensor]) -> bool:
@@ -77,16 +72,28 @@ class Prepared:
         _ALL.add(self)
 
     def get(self, sources: Sequence[Optional[torch.Tensor]], make: Callable[[], object]) -> object:
-        if not all(cacheable(t) for t in sources) or not caching_allowed():
+        # Runs for every cast or packed weight of every op call: one pass over the sources (at
+        # batch 1 the lookups were a tenth of a bf16 ConvNeXt-T forward).
+        owners, key, states = [], [], []
+        for t in sources:
+            if t is None:
+                owners.append(None)
+                key.append(None)
+                states.append(())
+                continue
+            if t.is_inference():  # no version counter: in-place changes would go unseen
+                return make()
+            o = t if t._base is None else t._base
+            owners.append(o)
+            key.append((id(o), t.shape))
+            states.append((t._version, t.data_ptr(), t.dtype, t.device))
+        if not caching_allowed():
             return make()
-        owners = tuple(None if t is None else owner(t) for t in sources)
-        key = tuple(None if t is None else (id(o), t.shape) for t, o in zip(sources, owners))
-        states = tuple(_state(t) for t in sources)
-        with self._lock:
-            entry = self._entries.get(key)
+        key, states = tuple(key), tuple(states)
+        entry = self._entries.get(key)  # a single dict read: atomic, no lock needed
         # ids are reused after a tensor dies: the weak references say whether these are the same
-        if entry is not None and entry[1] == states and \
-                all(r is None and o is None or r is not None and r() is o for r, o in zip(entry[0], owners)):
+        if entry is not None and entry[1] == states and all(
+                (o is None) if r is None else (r() is o) for r, o in zip(entry[0], owners)):
             return entry[2]
         value = make()
         refs = tuple(None if o is None else weakref.ref(o) for o in owners)

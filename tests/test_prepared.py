@@ -74,7 +74,7 @@ def test_autocast_casts_a_parameter_once_per_version(mode):
     with ctx(), torch.autocast("cpu", torch.bfloat16):
         before = cache.made
         outs = [ops.mlp(y, w1, b1, w2, b2, g, y, backend="torch") for _ in range(3)]
-        assert cache.made - before == 5  # five parameters, each cast once for three calls
+        assert cache.made - before == 1  # the five parameters cast together, once for three calls
         assert all(torch.equal(o, outs[0]) for o in outs)
     with torch.no_grad():
         w1.mul_(-1)  # an optimizer step, in place: the next call must see it

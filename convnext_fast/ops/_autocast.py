@@ -9,7 +9,7 @@ gradients. Results are in the autocast dtype, so under autocast the trunk stays 
 between blocks (timm keeps it fp32 through the layer-scale multiply; the difference is within the
 low-precision parity rule and halves the trunk's memory traffic).
 
-A parameter (or a view of one) is cast once per version, not on every call (:class:`convnext_fast._prepared.Prepared`:
+An op's parameters (or views of them) are cast together, once per version of each, not on every call (:class:`convnext_fast._prepared.Prepared`:
 the cast is made again after an in-place update such as an optimizer step), unless the cast must
 carry gradients (grad mode on and the parameter requires grad: then it is cast per call, as autocast
 does) or torch.compile is tracing (the compiled graph does its own casts).
@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .._prepared import Prepared, owner
+from .._prepared import Prepared
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 
@@ -32,13 +32,14 @@ _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 _CASTS = {dtype: Prepared(f"autocast cast to {dtype}") for dtype in _CASTABLE}
 
 
-def _cast(t: object, dtype: torch.dtype) -> object:
-    if not isinstance(t, torch.Tensor) or t.dtype not in _CASTABLE or t.dtype == dtype:
-        return t
-    if isinstance(owner(t), torch.nn.Parameter) and not (t.requires_grad and torch.is_grad_enabled()) \
-            and not torch.compiler.is_compiling():
-        return _CASTS[dtype].get((t,), lambda: _plain_cast(t, dtype))
-    return t.to(dtype)
+def _needs_cast(t: object, dtype: torch.dtype) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in _CASTABLE and t.dtype != dtype
+
+
+def _cached_param(t: torch.Tensor, grad: bool) -> bool:
+    """Whether ``t``'s cast can be cached: a parameter (or a view of one) whose cast carries no
+    gradient."""
+    return isinstance(t if t._base is None else t._base, torch.nn.Parameter) and not (grad and t.requires_grad)
 
 
 def _plain_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -63,5 +64,17 @@ def autocast_args(device_type: str, args: Dict[str, object]
     dtype = autocast_dtype(device_type)
     if dtype is None:
         return args, _NO_CONTEXT
-    cast = {n: _cast(t, dtype) for n, t in args.items()}
+    cast = dict(args)
+    grad, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
+    params = []
+    for n, t in args.items():
+        if _needs_cast(t, dtype):
+            if not compiling and _cached_param(t, grad):
+                params.append(n)
+            else:
+                cast[n] = t.to(dtype)
+    if params:  # the op's parameters cast together: one cache lookup per call, not one each
+        sources = tuple(args[n] for n in params)
+        cast.update(zip(params, _CASTS[dtype].get(
+            sources, lambda: tuple(_plain_cast(t, dtype) for t in sources))))
     return cast, torch.autocast(device_type, enabled=False)
