@@ -661,12 +661,15 @@ def bench_model(model: str = "convnext_tiny", device: str = "cpu", dtype: str = 
         time_callable(fn, device, warmup, 0)
         runners[name] = (fn, err)
     # Timed in rounds, one call per provider each: drift in the machine's speed (a shared CPU,
-    # GPU clocks) then falls on every provider alike, not on whichever happened to run last.
+    # GPU clocks) then falls on every provider alike, not on whichever happened to run last. Each
+    # round starts one provider further on, so none always runs right after the same other one
+    # (whose threads may still be spinning, or whose data fills the cache).
     timings = {name: Timing() for name in runners}
+    names = list(runners)
     for i in range(iters):
         say(f"{model} {dtype} {mode} batch {batch}: timing round {i + 1}/{iters}")
-        for name, (fn, _) in runners.items():
-            timings[name] += time_callable(fn, device, 0, 1)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            timings[name] += time_callable(runners[name][0], device, 0, 1)
     results: Dict[str, ModelResult] = {}
     for name, (_, err) in runners.items():
         t = timings[name]
