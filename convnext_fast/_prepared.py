@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Prepared", "cacheable", "caching_allowed", "owner", "clear_all"]
+__all__ = ["Prepared", "caching_allowed", "owner", "clear_all"]
 
 _ALL: "weakref.WeakSet[Prepared]" = weakref.WeakSet()
 
@@ -55,11 +55,6 @@ def caching_allowed() -> bool:
     return _DIST is None or not _DIST.is_initialized()
 
 
-def cacheable(t: Optional[torch.Tensor]) -> bool:
-    """Whether a value made from ``t`` can be reused until ``t`` changes in place."""
-    return t is None or (isinstance(t, torch.Tensor) and not t.is_inference())
-
-
 class Prepared:
     """``get(sources, make)``: ``make()``'s value for these source tensors at their current
     versions, made once. ``None`` sources are allowed (an absent bias)."""
@@ -83,7 +78,7 @@ class Prepared:
                 continue
             if t.is_inference():  # no version counter: in-place changes would go unseen
                 return make()
-            o = t if t._base is None else t._base
+            o = owner(t)
             owners.append(o)
             key.append((id(o), t.shape))
             states.append((t._version, t.data_ptr(), t.dtype, t.device))

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .._prepared import Prepared
+from .._prepared import Prepared, owner
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 
@@ -39,7 +39,7 @@ def _needs_cast(t: object, dtype: torch.dtype) -> bool:
 def _cached_param(t: torch.Tensor, grad: bool) -> bool:
     """Whether ``t``'s cast can be cached: a parameter (or a view of one) whose cast carries no
     gradient."""
-    return isinstance(t if t._base is None else t._base, torch.nn.Parameter) and not (grad and t.requires_grad)
+    return isinstance(owner(t), torch.nn.Parameter) and not (grad and t.requires_grad)
 
 
 def _plain_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
