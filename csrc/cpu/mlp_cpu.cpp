@@ -14,6 +14,9 @@
 // for the GEMMs, as PyTorch's bf16 Linear does, and runs only the epilogues in fp32
 // (mlp_fwd_native; CONVNEXT_FAST_CPU_GEMM=native|fp32 overrides the choice).
 //
+// fp32 inference (no gradient, eager) runs instead on packed weights with our own microkernel
+// (mlp_tiles.h), where the build has AVX2 or AVX-512: see use_tiles().
+//
 // Parallelism (measured, benchmarks/results/cpu2core_ops.txt): with at least two tiles, tiles run
 // in parallel (at::parallel_for) with each GEMM single-threaded inside (7% faster than tiles in
 // sequence with multi-threaded GEMMs at batch 8); a single tile (small M) is split along the
@@ -53,6 +56,7 @@
 #include "../include/cpu_vec.h"
 #include "../include/derived_cache.h"
 #include "../include/mlp_cpu.h"
+#include "../include/mlp_tiles.h"
 
 namespace convnext_fast {
 namespace {
@@ -455,6 +459,59 @@ void mlp_fwd_native(const at::Tensor& y, const MlpParams& p, const scalar_t* res
   }
 }
 
+// The fp32 forward runs on the packed-weight tiles of mlp_tiles.h where the build's vector ISA
+// has the registers for their microkernel (AVX2, AVX-512) and the packed weights are kept between
+// calls (the derived cache is on: eager calls that need no gradient). Elsewhere (training,
+// compiled graphs) packing per call would cost about as much as the call at C = 768, and the
+// ATen GEMM tiles run. CONVNEXT_FAST_MLP_CPU_TILES=0 turns the tiles off (for measurements).
+bool use_tiles(const at::Tensor& y) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (y.scalar_type() != at::kFloat || !DerivedCache::enabled()) return false;
+  const char* v = std::getenv("CONVNEXT_FAST_MLP_CPU_TILES");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+#else
+  return false;
+#endif
+}
+
+// Tags of the derived-cache entries made here (conv_taps uses 1000-1003).
+constexpr int64_t kPanelsTag = 1100, kPaddedTag = 1101;
+
+// W [N, K] in fp32, packed into the tiles' panels (cpu::pack_panels), once per version.
+at::Tensor packed_panels(const at::Tensor& w) {
+  return derived_cache().get(w, kPanelsTag, [](const at::Tensor& t) {
+    const at::Tensor f = t.detach().to(at::kFloat).contiguous();
+    const int64_t N = f.size(0), K = f.size(1);
+    at::Tensor out = at::empty({K * cpu::padded_cols(N)}, f.options());
+    cpu::pack_panels(f.data_ptr<float>(), N, K, out.data_ptr<float>());
+    return out;
+  });
+}
+
+// A vector in fp32, zero-padded to whole vectors (the tiles load whole vectors of it).
+at::Tensor padded_vector(const std::optional<at::Tensor>& v) {
+  if (!v.has_value()) return {};
+  return derived_cache().get(*v, kPaddedTag, [](const at::Tensor& t) {
+    at::Tensor out = at::zeros({cpu::padded_cols(t.size(0))}, t.options().dtype(at::kFloat));
+    out.narrow(0, 0, t.size(0)).copy_(t.detach());
+    return out;
+  });
+}
+
+void mlp_fwd_tiles(const at::Tensor& y, const at::Tensor& fc1_weight,
+                   const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                   const std::optional<at::Tensor>& fc2_bias, const std::optional<at::Tensor>& gamma,
+                   const std::optional<at::Tensor>& residual, at::Tensor& out) {
+  const int64_t C = y.size(1), D = fc1_weight.size(0), M = y.numel() / C;
+  const at::Tensor w1p = packed_panels(fc1_weight), w2p = packed_panels(fc2_weight);
+  const at::Tensor b1 = padded_vector(fc1_bias), b2 = padded_vector(fc2_bias);
+  const at::Tensor g = padded_vector(gamma);
+  cpu::mlp_tiles_fwd(y.data_ptr<float>(), M, C, D, w1p.data_ptr<float>(), ptr_or_null<float>(b1),
+                     w2p.data_ptr<float>(), ptr_or_null<float>(b2), ptr_or_null<float>(g),
+                     residual.has_value() ? residual->data_ptr<float>() : nullptr,
+                     out.data_ptr<float>());
+}
+
 at::Tensor mlp_cpu(const at::Tensor& y, const at::Tensor& fc1_weight,
                    const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                    const std::optional<at::Tensor>& fc2_bias, const std::optional<at::Tensor>& gamma,
@@ -477,6 +534,10 @@ at::Tensor mlp_cpu(const at::Tensor& y, const at::Tensor& fc1_weight,
   if (y.numel() == 0) return out;
   const at::ScalarType gemm = mlp_cpu_gemm_dtype(y.scalar_type());
   const at::Tensor yd = y.detach();
+  if (use_tiles(y)) {
+    mlp_fwd_tiles(yd, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual, out);
+    return out;
+  }
   if (gemm == at::kBFloat16 || gemm == at::kHalf) {  // storage-dtype GEMMs (native)
     const MlpParams p =
         compute_params(fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, at::kFloat, gemm);

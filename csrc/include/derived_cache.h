@@ -59,6 +59,8 @@ class DerivedCache {
     return was;
   }
 
+  static bool enabled() { return enabled_; }
+
   void clear() {
     std::lock_guard<std::mutex> lock(mutex_);
     entries_.clear();

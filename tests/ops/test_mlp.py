@@ -131,6 +131,82 @@ def test_cpu_gemm_setting_rejects_unknown_values(monkeypatch):
     assert _ext.cpu_gemm_dtypes()["bfloat16"] in ("bfloat16", "float32")
 
 
+# The fp32 inference path (csrc/include/mlp_tiles.h: packed weights, our own microkernel), taken
+# by eager calls that need no gradient. (N, C, H, W); D = 4C.
+TILE_CASES = [
+    (1, 13, 3, 5),     # odd C: partial output vectors; D = 52 pads to whole vectors
+    (2, 20, 3, 3),     # D = 80: a full panel, then one of a single vector
+    (1, 24, 7, 7),     # D = 96: a full panel and a half one (AVX-512)
+    (2, 40, 9, 11),    # M = 198, not a multiple of the microkernel's 6 rows
+    (1, 48, 5, 5),     # C = 48: a panel of 3 vectors (AVX-512)
+    (1, 136, 1, 1),    # one row
+    (2, 96, 17, 16),   # M = 544: several row tiles
+    (1, 520, 17, 17),  # D = 2080: fc2's panels above L2 size, two column blocks
+]
+
+
+@pytest.mark.parametrize("split", ["auto", "rows", "columns"])
+@pytest.mark.parametrize("full", [True, False], ids=["biases_gamma_residual", "bare"])
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_fp32_inference_tiles(case, full, split, monkeypatch):
+    monkeypatch.setenv("CONVNEXT_FAST_MLP_TILES_SPLIT", split)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a
+            for a in inputs("mlp", *case, torch.float32, bias=full, gamma=full, residual=full)]
+    with torch.no_grad():
+        out = cpu_mlp(*args)
+        again = cpu_mlp(*args)  # the second call reads the packed weights from the cache
+    assert out.is_contiguous(memory_format=CL)
+    ref = reference.mlp(*as64(args))
+    assert_fp32(out, ref, name=f"out{case}", rtol=2e-6)
+    assert torch.equal(again, out)
+
+
+def test_fp32_inference_takes_the_tiles(monkeypatch):
+    """An unknown CONVNEXT_FAST_MLP_TILES_SPLIT fails exactly where the tiles run: fp32 calls that
+    need no gradient, in a build for AVX2 or AVX-512, unless CONVNEXT_FAST_MLP_CPU_TILES=0."""
+    if _ext.build_info().get("cpu_flags") not in ("avx2", "avx512"):
+        pytest.skip(f"the tiles need an AVX2/AVX-512 build, this one: {_ext.build_info()}")
+    args = inputs("mlp", 1, 16, 4, 4, torch.float32)
+    monkeypatch.setenv("CONVNEXT_FAST_MLP_TILES_SPLIT", "diagonal")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="must be 'auto', 'rows' or 'columns'"):
+        cpu_mlp(*args)
+    leaves = [a.detach().requires_grad_() for a in args]
+    cpu_mlp(*leaves).sum().backward()  # training: ATen's GEMMs, the setting is not read
+    with torch.no_grad():
+        cpu_mlp(*[a.double() for a in args])
+        monkeypatch.setenv("CONVNEXT_FAST_MLP_CPU_TILES", "0")
+        cpu_mlp(*args)
+
+
+def test_fp32_inference_tiles_see_weight_updates():
+    """The packed weights are kept per weight version: in-place updates and .data swaps of every
+    parameter show at the next call."""
+    y, w1, b1, w2, b2, g, r = [a.detach() for a in inputs("mlp", 2, 24, 5, 5, torch.float32)]
+    params = [w1, b1, w2, b2, g]
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            cpu_mlp(y, w1, b1, w2, b2, g, r)
+            if i % 2:
+                p.data = torch.randn_like(p)
+            else:
+                p.add_(torch.randn_like(p))
+            out = cpu_mlp(y, w1, b1, w2, b2, g, r)
+            assert_fp32(out, reference.mlp(*as64([y, w1, b1, w2, b2, g, r])), name=f"param {i}",
+                        rtol=2e-6)
+
+
+def test_fp32_inference_tiles_on_one_thread():
+    args = [a.detach() for a in inputs("mlp", 1, 96, 7, 7, torch.float32)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            out = cpu_mlp(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert_fp32(out, reference.mlp(*as64(args)), rtol=2e-6)
+
+
 def test_fp64_gradcheck():
     args = inputs("mlp", 2, 5, 2, 3, torch.float64)
     leaves = [t.requires_grad_() for t in args]
