@@ -231,9 +231,11 @@ inline void gemm_panels(const float* a, int64_t lda, const float* packed, int64_
 // least kMinTileRows rows, since every tile streams both weight matrices once.
 constexpr int64_t kHiddenTileBytes = int64_t{256} << 10;
 constexpr int64_t kMinTileRows = 48;
-// fc2's panels are D x kPanel floats: above this size one no longer stays in L2 next to a tile's
-// hidden while the tile's rows pass over it, and the rows are split by columns instead.
-constexpr int64_t kPanelL2Bytes = int64_t{512} << 10;
+// From this hidden width on, rows are split by columns (below): at D = 3072 every row tile
+// streamed both matrices (19 MB) from L3 again, and batch 8 took 20.0 vs 19.2 ms per block with
+// AVX-512, 31.0 vs 27.2 with AVX2 (2 Zen 4 threads); at D = 1536 rows were faster (19.9 vs 21.2,
+// 22.7 vs 24.6).
+constexpr int64_t kColumnsFromD = 2048;
 // Rows per block when split by columns: the [rows, D] hidden of a block stays in L3.
 constexpr int64_t kColumnBlockBytes = int64_t{2} << 20;
 
@@ -247,8 +249,8 @@ constexpr int64_t kColumnBlockBytes = int64_t{2} << 20;
 // - columns: blocks of rows one after the other, inside each fc1's panels in parallel into the
 //   block's [rows, D] hidden, then fc2's, so each weight panel is read once per block. Taken
 //   when there are no more row tiles than threads (small M: ConvNeXt-T's stage 4 at batch 1,
-//   M = 49, split by rows, would read all of both matrices once per thread) and when fc2's panels
-//   are too large for L2 (C = 768 on AVX-512: 786 KB, re-read from L3 by every 6 rows).
+//   M = 49, split by rows, would read all of both matrices once per thread) and for wide hiddens
+//   (kColumnsFromD).
 // CONVNEXT_FAST_MLP_TILES_SPLIT=rows|columns forces one (the tests run both at every shape).
 inline void mlp_tiles_fwd(const float* y, int64_t M, int64_t C, int64_t D, const float* w1p,
                           const float* b1, const float* w2p, const float* b2, const float* gamma,
@@ -259,7 +261,7 @@ inline void mlp_tiles_fwd(const float* y, int64_t M, int64_t C, int64_t D, const
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   int64_t rows = round_rows(std::max(kMinTileRows, kHiddenTileBytes / row_bytes));
   int64_t tiles = (M + rows - 1) / rows;
-  bool by_columns = threads > 1 && (tiles <= threads || D * kPanel * int64_t{sizeof(float)} > kPanelL2Bytes);
+  bool by_columns = threads > 1 && (tiles <= threads || D >= kColumnsFromD);
   const char* mode = std::getenv("CONVNEXT_FAST_MLP_TILES_SPLIT");
   if (mode != nullptr && *mode != '\0' && std::strcmp(mode, "auto") != 0) {
     TORCH_CHECK(std::strcmp(mode, "rows") == 0 || std::strcmp(mode, "columns") == 0,

@@ -141,7 +141,7 @@ TILE_CASES = [
     (1, 48, 5, 5),     # C = 48: a panel of 3 vectors (AVX-512)
     (1, 136, 1, 1),    # one row
     (2, 96, 17, 16),   # M = 544: several row tiles
-    (1, 520, 17, 17),  # D = 2080: fc2's panels above L2 size, two column blocks
+    (1, 520, 17, 17),  # D = 2080: split by columns, in two blocks of rows
 ]
 
 
