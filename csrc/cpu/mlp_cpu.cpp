@@ -14,8 +14,8 @@
 // for the GEMMs, as PyTorch's bf16 Linear does, and runs only the epilogues in fp32
 // (mlp_fwd_native; CONVNEXT_FAST_CPU_GEMM=native|fp32 overrides the choice).
 //
-// fp32 inference (no gradient, eager) runs instead on packed weights with our own microkernel
-// (mlp_tiles.h), where the build has AVX2 or AVX-512: see use_tiles().
+// Inference (no gradient, eager; fp32, and bf16 on AVX512-BF16) runs instead on packed weights
+// with our own microkernels (mlp_tiles.h), where the build has AVX2 or AVX-512: see use_tiles().
 //
 // Parallelism (measured, benchmarks/results/cpu2core_ops.txt): with at least two tiles, tiles run
 // in parallel (at::parallel_for) with each GEMM single-threaded inside (7% faster than tiles in
@@ -459,26 +459,41 @@ void mlp_fwd_native(const at::Tensor& y, const MlpParams& p, const scalar_t* res
   }
 }
 
-// The fp32 forward runs on the packed-weight tiles of mlp_tiles.h where the build's vector ISA
-// has the registers for their microkernel (AVX2, AVX-512) and the packed weights are kept between
-// calls (the derived cache is on: eager calls that need no gradient). Elsewhere (training,
-// compiled graphs) packing per call would cost about as much as the call at C = 768, and the
-// ATen GEMM tiles run. CONVNEXT_FAST_MLP_CPU_TILES=0 turns the tiles off (for measurements).
+// Inference runs on the packed-weight tiles of mlp_tiles.h where the build's vector ISA has the
+// registers for their microkernel (AVX2, AVX-512): fp32, and bf16 (C even) where the CPU has
+// AVX512-BF16 and bf16 GEMMs are allowed (CONVNEXT_FAST_CPU_GEMM is not fp32). Only while the
+// packed weights are kept between calls (the derived cache is on: eager calls that need no
+// gradient): elsewhere (training, compiled graphs) packing per call would cost about as much as
+// the call at C = 768, and the ATen GEMM tiles run. CONVNEXT_FAST_MLP_CPU_TILES=0 turns the tiles
+// off (for measurements).
 bool use_tiles(const at::Tensor& y) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if (y.scalar_type() != at::kFloat || !DerivedCache::enabled()) return false;
+  if (!DerivedCache::enabled()) return false;
   const char* v = std::getenv("CONVNEXT_FAST_MLP_CPU_TILES");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
+  const auto st = y.scalar_type();
+  return st == at::kFloat || (st == at::kBFloat16 && y.size(1) % 2 == 0 &&
+                              cpu::tiles_bf16_supported() && mlp_cpu_gemm_dtype(st) == st);
 #else
   return false;
 #endif
 }
 
 // Tags of the derived-cache entries made here (conv_taps uses 1000-1003).
-constexpr int64_t kPanelsTag = 1100, kPaddedTag = 1101;
+constexpr int64_t kPanelsTag = 1100, kPaddedTag = 1101, kPanelsBf16Tag = 1102;
 
-// W [N, K] in fp32, packed into the tiles' panels (cpu::pack_panels), once per version.
+// W [N, K] packed into the tiles' panels (cpu::pack_panels in fp32, pack_panels_bf16 for a bf16
+// W), once per version.
 at::Tensor packed_panels(const at::Tensor& w) {
+  if (w.scalar_type() == at::kBFloat16) {
+    return derived_cache().get(w, kPanelsBf16Tag, [](const at::Tensor& t) {
+      const at::Tensor c = t.detach().contiguous();
+      const int64_t N = c.size(0), K = c.size(1);
+      at::Tensor out = at::empty({K * cpu::padded_cols(N)}, c.options());
+      cpu::pack_panels_bf16(c.data_ptr<at::BFloat16>(), N, K, out.data_ptr<at::BFloat16>());
+      return out;
+    });
+  }
   return derived_cache().get(w, kPanelsTag, [](const at::Tensor& t) {
     const at::Tensor f = t.detach().to(at::kFloat).contiguous();
     const int64_t N = f.size(0), K = f.size(1);
@@ -506,6 +521,14 @@ void mlp_fwd_tiles(const at::Tensor& y, const at::Tensor& fc1_weight,
   const at::Tensor w1p = packed_panels(fc1_weight), w2p = packed_panels(fc2_weight);
   const at::Tensor b1 = padded_vector(fc1_bias), b2 = padded_vector(fc2_bias);
   const at::Tensor g = padded_vector(gamma);
+  if (y.scalar_type() == at::kBFloat16) {
+    cpu::mlp_tiles_fwd_bf16(
+        y.data_ptr<at::BFloat16>(), M, C, D, w1p.data_ptr<at::BFloat16>(), ptr_or_null<float>(b1),
+        w2p.data_ptr<at::BFloat16>(), ptr_or_null<float>(b2), ptr_or_null<float>(g),
+        residual.has_value() ? residual->data_ptr<at::BFloat16>() : nullptr,
+        out.data_ptr<at::BFloat16>());
+    return;
+  }
   cpu::mlp_tiles_fwd(y.data_ptr<float>(), M, C, D, w1p.data_ptr<float>(), ptr_or_null<float>(b1),
                      w2p.data_ptr<float>(), ptr_or_null<float>(b2), ptr_or_null<float>(g),
                      residual.has_value() ? residual->data_ptr<float>() : nullptr,

@@ -21,6 +21,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -56,23 +57,29 @@ inline void pack_panels(const float* w, int64_t N, int64_t K, float* dst) {
   }
 }
 
-// acc[r][v] += sum over k < K of a[r * lda + k] * panel[k * NV * L + v * L ..], r < R.
-template <int R, int NV>
-inline void tile_mac(Vec (&acc)[R][NV], const float* a, int64_t lda, const float* panel,
-                     int64_t K) {
-  constexpr int64_t L = Vec::size();
-  for (int64_t k = 0; k < K; ++k) {
-    Vec b[NV];
+// The microkernel, as a policy: Mac::run<R, NV>(acc, a, lda, panel, K) adds to acc[r][v] the
+// sum over k < K of a[r * lda + k] * B[k][v * L ..] for r < R, from a panel of NV vectors per
+// row of B. Mac::E is the element type of A and the panels; K and the offsets along it count
+// elements, and panels are laid out so that k0 rows of B start k0 * NV * L elements in (fp32:
+// [K][NV * L]; bf16, mlp_tiles_bf16.cpp: pairs of k interleaved, [K / 2][NV * L][2]).
+struct Fp32Mac {
+  using E = float;
+  template <int R, int NV>
+  static void run(Vec (&acc)[R][NV], const float* a, int64_t lda, const float* panel, int64_t K) {
+    constexpr int64_t L = Vec::size();
+    for (int64_t k = 0; k < K; ++k) {
+      Vec b[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(panel + k * NV * L + v * L);
+      for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(panel + k * NV * L + v * L);
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const Vec x(a[r * lda + k]);
+      for (int r = 0; r < R; ++r) {
+        const Vec x(a[r * lda + k]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(x, b[v], acc[r][v]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(x, b[v], acc[r][v]);
+      }
     }
   }
-}
+};
 
 // What happens to a finished tile of accumulators (rows r < R, vectors v < NV of columns from
 // col): fc1 stores gelu(acc) into the hidden; fc2 scales by gamma, adds the residual and stores
@@ -124,9 +131,9 @@ struct ResidualStore {
 // on the block); the totals cost R * NV loads and stores per kSumBlock * R * NV FMAs.
 constexpr int64_t kSumBlock = 128;
 
-template <int R, int NV, typename Store>
-inline void tile(const float* a, int64_t lda, const float* panel, int64_t K, const float* bias,
-                 int64_t row, int64_t col, const Store& store) {
+template <typename Mac, int R, int NV, typename Store>
+inline void tile(const typename Mac::E* a, int64_t lda, const typename Mac::E* panel, int64_t K,
+                 const float* bias, int64_t row, int64_t col, const Store& store) {
   constexpr int64_t L = Vec::size();
   Vec acc[R][NV];
 #pragma GCC unroll 8
@@ -137,7 +144,7 @@ inline void tile(const float* a, int64_t lda, const float* panel, int64_t K, con
   }
   a += row * lda;
   if (K <= kSumBlock) {
-    tile_mac<R, NV>(acc, a, lda, panel, K);
+    Mac::template run<R, NV>(acc, a, lda, panel, K);
   } else {
     alignas(64) float total[R][NV][L];
 #pragma GCC unroll 16
@@ -151,7 +158,7 @@ inline void tile(const float* a, int64_t lda, const float* panel, int64_t K, con
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
       }
-      tile_mac<R, NV>(acc, a + k0, lda, panel + k0 * NV * L, std::min(kSumBlock, K - k0));
+      Mac::template run<R, NV>(acc, a + k0, lda, panel + k0 * NV * L, std::min(kSumBlock, K - k0));
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
@@ -168,15 +175,15 @@ inline void tile(const float* a, int64_t lda, const float* panel, int64_t K, con
 }
 
 // Rows [0, M) of A times one panel of NV vectors: tiles of MR rows, then the remainder.
-template <int MR, int NV, typename Store>
-inline void panel_rows(const float* a, int64_t lda, const float* panel, int64_t K,
-                       const float* bias, int64_t M, int64_t col, const Store& store) {
+template <typename Mac, int MR, int NV, typename Store>
+inline void panel_rows(const typename Mac::E* a, int64_t lda, const typename Mac::E* panel,
+                       int64_t K, const float* bias, int64_t M, int64_t col, const Store& store) {
   int64_t r = 0;
-  for (; r + MR <= M; r += MR) tile<MR, NV>(a, lda, panel, K, bias, r, col, store);
+  for (; r + MR <= M; r += MR) tile<Mac, MR, NV>(a, lda, panel, K, bias, r, col, store);
   switch (M - r) {
 #define CONVNEXT_FAST_TILE_ROWS(n) \
   case n:                          \
-    if constexpr (n < MR) tile<n, NV>(a, lda, panel, K, bias, r, col, store); \
+    if constexpr (n < MR) tile<Mac, n, NV>(a, lda, panel, K, bias, r, col, store); \
     break;
     CONVNEXT_FAST_TILE_ROWS(1)
     CONVNEXT_FAST_TILE_ROWS(2)
@@ -200,28 +207,28 @@ inline void panel_rows(const float* a, int64_t lda, const float* panel, int64_t 
 // Panels [p0, p1) only, when given (num_panels(N) in all).
 inline int64_t num_panels(int64_t N) { return (padded_cols(N) + kPanel - 1) / kPanel; }
 
-template <typename Store>
-inline void gemm_panels(const float* a, int64_t lda, const float* packed, int64_t K, int64_t N,
-                        const float* bias, int64_t M, const Store& store, int64_t p0 = 0,
-                        int64_t p1 = -1) {
+template <typename Mac, typename Store>
+inline void gemm_panels(const typename Mac::E* a, int64_t lda, const typename Mac::E* packed,
+                        int64_t K, int64_t N, const float* bias, int64_t M, const Store& store,
+                        int64_t p0 = 0, int64_t p1 = -1) {
   constexpr int64_t L = Vec::size();
   const int64_t Np = padded_cols(N);
   const int64_t end = p1 < 0 ? Np : std::min(Np, p1 * kPanel);
   for (int64_t j0 = p0 * kPanel; j0 < end; j0 += kPanel) {
-    const float* panel = packed + j0 * K;
+    const typename Mac::E* panel = packed + j0 * K;
     const int64_t nv = std::min(kPanel, Np - j0) / L;
     if constexpr (kPanelVecs == 4) {
       switch (nv) {
-        case 4: panel_rows<kTileRowsMR, 4>(a, lda, panel, K, bias, M, j0, store); break;
-        case 3: panel_rows<8, 3>(a, lda, panel, K, bias, M, j0, store); break;
-        case 2: panel_rows<12, 2>(a, lda, panel, K, bias, M, j0, store); break;
-        default: panel_rows<12, 1>(a, lda, panel, K, bias, M, j0, store); break;
+        case 4: panel_rows<Mac, kTileRowsMR, 4>(a, lda, panel, K, bias, M, j0, store); break;
+        case 3: panel_rows<Mac, 8, 3>(a, lda, panel, K, bias, M, j0, store); break;
+        case 2: panel_rows<Mac, 12, 2>(a, lda, panel, K, bias, M, j0, store); break;
+        default: panel_rows<Mac, 12, 1>(a, lda, panel, K, bias, M, j0, store); break;
       }
     } else {
       if (nv == 2) {
-        panel_rows<kTileRowsMR, 2>(a, lda, panel, K, bias, M, j0, store);
+        panel_rows<Mac, kTileRowsMR, 2>(a, lda, panel, K, bias, M, j0, store);
       } else {
-        panel_rows<12, 1>(a, lda, panel, K, bias, M, j0, store);
+        panel_rows<Mac, 12, 1>(a, lda, panel, K, bias, M, j0, store);
       }
     }
   }
@@ -236,32 +243,35 @@ constexpr int64_t kMinTileRows = 48;
 // AVX-512, 31.0 vs 27.2 with AVX2 (2 Zen 4 threads); at D = 1536 rows were faster (19.9 vs 21.2,
 // 22.7 vs 24.6).
 constexpr int64_t kColumnsFromD = 2048;
+// Up to this many rows, too: a few short row tiles each stream all of both matrices. Measured
+// like a model runs (the blocks' weights cycled, so they come from L3 or memory), ConvNeXt-T's
+// stage 3 at batch 1 (M = 196) took 2.99 ms per block split by columns vs 3.41 by rows in fp32,
+// 1.83 vs 2.02 in bf16; stage 2 (M = 784) 3.71 vs 2.99 and 2.49 vs 1.88.
+constexpr int64_t kColumnsMaxRows = 256;
 // Rows per block when split by columns: the [rows, D] hidden of a block stays in L3.
 constexpr int64_t kColumnBlockBytes = int64_t{2} << 20;
 
-// The block MLP (see the top of this file) on M rows of y [M, C] (row-major, NHWC's rows):
-// out [M, C] = residual + gamma * (gelu(y @ W1^T + b1) @ W2^T + b2). w1p / w2p: W1 [D, C] / W2
-// [C, D] packed by pack_panels; b1 [padded_cols(D)], b2 and gamma [padded_cols(C)] zero-padded,
-// each may be null, as may residual (then out = gamma * (...)).
-//
-// Two ways to share the work between threads:
+// Shares the block MLP on M rows between threads; fc1(r0, n, h, p0, p1) computes rows
+// [r0, r0 + n) of the hidden's panels [p0, p1) (p1 = -1: to the last) into h (row stride
+// padded_cols(D), elements of T), fc2(r0, n, h, p0, p1) the same rows of the output's panels from
+// h's n rows. Two ways:
 // - rows: tiles of rows in parallel, each thread with its own hidden tile (in L2);
 // - columns: blocks of rows one after the other, inside each fc1's panels in parallel into the
 //   block's [rows, D] hidden, then fc2's, so each weight panel is read once per block. Taken
-//   when there are no more row tiles than threads (small M: ConvNeXt-T's stage 4 at batch 1,
-//   M = 49, split by rows, would read all of both matrices once per thread) and for wide hiddens
-//   (kColumnsFromD).
+//   when there are few rows (kColumnsMaxRows, or no more row tiles than threads: ConvNeXt-T's
+//   stage 4 at batch 1, M = 49, split by rows, would read all of both matrices once per thread)
+//   and for wide hiddens (kColumnsFromD).
 // CONVNEXT_FAST_MLP_TILES_SPLIT=rows|columns forces one (the tests run both at every shape).
-inline void mlp_tiles_fwd(const float* y, int64_t M, int64_t C, int64_t D, const float* w1p,
-                          const float* b1, const float* w2p, const float* b2, const float* gamma,
-                          const float* residual, float* out) {
+template <typename T, typename Fc1, typename Fc2>
+inline void split_mlp(int64_t M, int64_t C, int64_t D, const Fc1& fc1, const Fc2& fc2) {
   constexpr int64_t MR = kTileRowsMR;
   const auto round_rows = [](int64_t r) { return (r + MR - 1) / MR * MR; };
-  const int64_t Dp = padded_cols(D), row_bytes = Dp * int64_t{sizeof(float)};
+  const int64_t Dp = padded_cols(D), row_bytes = Dp * int64_t{sizeof(T)};
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   int64_t rows = round_rows(std::max(kMinTileRows, kHiddenTileBytes / row_bytes));
   int64_t tiles = (M + rows - 1) / rows;
-  bool by_columns = threads > 1 && (tiles <= threads || D >= kColumnsFromD);
+  bool by_columns =
+      threads > 1 && (tiles <= threads || M <= kColumnsMaxRows || D >= kColumnsFromD);
   const char* mode = std::getenv("CONVNEXT_FAST_MLP_TILES_SPLIT");
   if (mode != nullptr && *mode != '\0' && std::strcmp(mode, "auto") != 0) {
     TORCH_CHECK(std::strcmp(mode, "rows") == 0 || std::strcmp(mode, "columns") == 0,
@@ -272,19 +282,12 @@ inline void mlp_tiles_fwd(const float* y, int64_t M, int64_t C, int64_t D, const
     const int64_t block = tiles <= threads && threads > 1
                               ? M
                               : round_rows(std::max<int64_t>(MR, kColumnBlockBytes / row_bytes));
-    const ThreadScratch h_mem(std::min(block, M) * Dp);
-    float* h = h_mem.data();
+    const ThreadScratch h_mem(std::min(block, M) * Dp, sizeof(T));
+    T* h = h_mem.data<T>();
     for (int64_t r0 = 0; r0 < M; r0 += block) {
       const int64_t n = std::min(block, M - r0);
-      at::parallel_for(0, num_panels(D), 1, [&](int64_t p0, int64_t p1) {
-        gemm_panels(y + r0 * C, C, w1p, C, D, b1, n, GeluStore{h, Dp}, p0, p1);
-      });
-      at::parallel_for(0, num_panels(C), 1, [&](int64_t p0, int64_t p1) {
-        gemm_panels(h, Dp, w2p, D, C, b2, n,
-                    ResidualStore{out + r0 * C, residual != nullptr ? residual + r0 * C : nullptr,
-                                  gamma, C, C},
-                    p0, p1);
-      });
+      at::parallel_for(0, num_panels(D), 1, [&](int64_t p0, int64_t p1) { fc1(r0, n, h, p0, p1); });
+      at::parallel_for(0, num_panels(C), 1, [&](int64_t p0, int64_t p1) { fc2(r0, n, h, p0, p1); });
     }
     return;
   }
@@ -294,17 +297,47 @@ inline void mlp_tiles_fwd(const float* y, int64_t M, int64_t C, int64_t D, const
     tiles = (M + rows - 1) / rows;
   }
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    const ThreadScratch h_mem(rows * Dp);
-    float* h = h_mem.data();
+    const ThreadScratch h_mem(rows * Dp, sizeof(T));
+    T* h = h_mem.data<T>();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * rows, n = std::min(rows, M - r0);
-      gemm_panels(y + r0 * C, C, w1p, C, D, b1, n, GeluStore{h, Dp});
-      gemm_panels(h, Dp, w2p, D, C, b2, n,
-                  ResidualStore{out + r0 * C, residual != nullptr ? residual + r0 * C : nullptr,
-                                gamma, C, C});
+      fc1(r0, n, h, 0, -1);
+      fc2(r0, n, h, 0, -1);
     }
   });
 }
+
+// The block MLP (see the top of this file) on M rows of y [M, C] (row-major, NHWC's rows):
+// out [M, C] = residual + gamma * (gelu(y @ W1^T + b1) @ W2^T + b2). w1p / w2p: W1 [D, C] / W2
+// [C, D] packed by pack_panels; b1 [padded_cols(D)], b2 and gamma [padded_cols(C)] zero-padded,
+// each may be null, as may residual (then out = gamma * (...)).
+inline void mlp_tiles_fwd(const float* y, int64_t M, int64_t C, int64_t D, const float* w1p,
+                          const float* b1, const float* w2p, const float* b2, const float* gamma,
+                          const float* residual, float* out) {
+  const int64_t Dp = padded_cols(D);
+  split_mlp<float>(
+      M, C, D,
+      [&](int64_t r0, int64_t n, float* h, int64_t p0, int64_t p1) {
+        gemm_panels<Fp32Mac>(y + r0 * C, C, w1p, C, D, b1, n, GeluStore{h, Dp}, p0, p1);
+      },
+      [&](int64_t r0, int64_t n, const float* h, int64_t p0, int64_t p1) {
+        gemm_panels<Fp32Mac>(h, Dp, w2p, D, C, b2, n,
+                    ResidualStore{out + r0 * C, residual != nullptr ? residual + r0 * C : nullptr,
+                                  gamma, C, C},
+                    p0, p1);
+      });
+}
+
+// bf16 on AVX512-BF16 dot products (csrc/cpu/mlp_tiles_bf16.cpp): whether this build and CPU
+// run them; W [N, K] (K even) packed with pairs of k interleaved (K * padded_cols(N) elements);
+// the block MLP as mlp_tiles_fwd with y, the packed weights, the residual and out in bf16 (C
+// even) and b1, b2, gamma fp32.
+bool tiles_bf16_supported();
+void pack_panels_bf16(const c10::BFloat16* w, int64_t N, int64_t K, c10::BFloat16* dst);
+void mlp_tiles_fwd_bf16(const c10::BFloat16* y, int64_t M, int64_t C, int64_t D,
+                        const c10::BFloat16* w1p, const float* b1, const c10::BFloat16* w2p,
+                        const float* b2, const float* gamma, const c10::BFloat16* residual,
+                        c10::BFloat16* out);
 
 }  // namespace cpu
 }  // namespace convnext_fast

@@ -1,0 +1,185 @@
+// The bf16 block MLP on AVX512-BF16's dot products: the tiles of mlp_tiles.h (same panels of 4
+// zmm columns, 6-row tiles, row or column splits) with vdpbf16ps in the microkernel, which
+// multiplies pairs of bf16 along k and adds both products to an fp32 sum: twice the fp32 FMA's
+// products per instruction. The weights are packed once per version with pairs of k interleaved
+// ([K / 2][panel columns][2]); y, the hidden tile, the residual and the output are bf16, the
+// sums and every epilogue (bias, GELU, gamma, residual add) fp32, so the hidden and the output
+// are rounded once each, as in the onednn backend (PyTorch's bf16 Linear + GELU + scale + add
+// rounds five times).
+//
+// Only this file's own functions are compiled for AVX512-BF16 (a target attribute): the rest of
+// the extension, ATen's inline functions included, must run on AVX-512 CPUs without it, and
+// tiles_bf16_supported() asks the CPU before anything here runs.
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "../include/mlp_tiles.h"
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__) && \
+    (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11))
+#define CONVNEXT_FAST_TILES_BF16 1
+#include <immintrin.h>
+#endif
+
+namespace convnext_fast {
+namespace cpu {
+
+void pack_panels_bf16(const c10::BFloat16* w, int64_t N, int64_t K, c10::BFloat16* dst) {
+  TORCH_CHECK(K % 2 == 0, "pack_panels_bf16: K must be even, got ", K);
+  const int64_t Np = padded_cols(N);
+  for (int64_t j0 = 0; j0 < Np; j0 += kPanel) {
+    const int64_t width = std::min(kPanel, Np - j0);
+    c10::BFloat16* panel = dst + j0 * K;
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t n = j0 + j;
+      for (int64_t k = 0; k < K; ++k) {
+        panel[(k / 2) * width * 2 + j * 2 + k % 2] = n < N ? w[n * K + k] : c10::BFloat16(0.f);
+      }
+    }
+  }
+}
+
+#ifdef CONVNEXT_FAST_TILES_BF16
+
+#define CONVNEXT_FAST_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+namespace {
+
+constexpr int64_t L = Vec::size();
+static_assert(L == 16, "the bf16 tiles are written for AVX-512's 16 fp32 lanes");
+
+inline int32_t load_pair(const uint16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Out of line (a caller without the target may not inline it): the sums go through memory once
+// per call, a block of up to kSumBlock k, against K / 2 * R * NV dot products inside.
+struct Bf16Mac {
+  using E = uint16_t;
+  template <int R, int NV>
+  CONVNEXT_FAST_BF16_TARGET __attribute__((noinline)) static void run(
+      Vec (&acc)[R][NV], const uint16_t* a, int64_t lda, const uint16_t* panel, int64_t K) {
+    __m512 s[R][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) s[r][v] = acc[r][v];
+    }
+    for (int64_t k = 0; k < K; k += 2) {
+      __m512bh b[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        b[v] = (__m512bh)_mm512_loadu_si512(panel + k * NV * L + v * 2 * L);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512bh x = (__m512bh)_mm512_set1_epi32(load_pair(a + r * lda + k));
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) s[r][v] = _mm512_dpbf16_ps(s[r][v], x, b[v]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec(s[r][v]);
+    }
+  }
+};
+
+CONVNEXT_FAST_BF16_TARGET inline __m256i to_bf16(__m512 x) {
+  return (__m256i)_mm512_cvtneps_pbh(x);  // round to nearest even
+}
+
+CONVNEXT_FAST_BF16_TARGET inline __m512 from_bf16(__m256i x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+
+struct GeluStoreBf16 {
+  uint16_t* h;
+  int64_t ldh;
+  template <int R, int NV>
+  CONVNEXT_FAST_BF16_TARGET void operator()(Vec (&acc)[R][NV], int64_t row, int64_t col) const {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + (row + r) * ldh + col + v * L),
+                            to_bf16(gelu_erf(acc[r][v])));
+      }
+    }
+  }
+};
+
+struct ResidualStoreBf16 {
+  uint16_t* out;
+  const uint16_t* residual;  // may be null
+  const float* gamma;        // may be null; padded to whole vectors
+  int64_t ld, cols;          // row stride of out/residual; valid columns (C)
+  template <int R, int NV>
+  CONVNEXT_FAST_BF16_TARGET void operator()(Vec (&acc)[R][NV], int64_t row, int64_t col) const {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const int64_t c = col + v * L, off = (row + r) * ld + c, n = std::min<int64_t>(L, cols - c);
+        if (n <= 0) break;
+        const __mmask16 mask = n == L ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+        __m512 x = acc[r][v];
+        if (gamma != nullptr) x = _mm512_mul_ps(x, _mm512_loadu_ps(gamma + c));
+        if (residual != nullptr) {
+          x = _mm512_add_ps(x, from_bf16(_mm256_maskz_loadu_epi16(mask, residual + off)));
+        }
+        _mm256_mask_storeu_epi16(out + off, mask, to_bf16(x));
+      }
+    }
+  }
+};
+
+}  // namespace
+
+bool tiles_bf16_supported() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+void mlp_tiles_fwd_bf16(const c10::BFloat16* y, int64_t M, int64_t C, int64_t D,
+                        const c10::BFloat16* w1p, const float* b1, const c10::BFloat16* w2p,
+                        const float* b2, const float* gamma, const c10::BFloat16* residual,
+                        c10::BFloat16* out) {
+  TORCH_CHECK(tiles_bf16_supported(), "mlp_tiles_fwd_bf16: this CPU has no AVX512-BF16");
+  TORCH_CHECK(C % 2 == 0, "mlp_tiles_fwd_bf16: C must be even, got ", C);
+  const auto bits = [](const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); };
+  const uint16_t *yb = bits(y), *w1b = bits(w1p), *w2b = bits(w2p), *rb = bits(residual);
+  uint16_t* ob = reinterpret_cast<uint16_t*>(out);
+  const int64_t Dp = padded_cols(D);
+  split_mlp<uint16_t>(
+      M, C, D,
+      [&](int64_t r0, int64_t n, uint16_t* h, int64_t p0, int64_t p1) {
+        gemm_panels<Bf16Mac>(yb + r0 * C, C, w1b, C, D, b1, n, GeluStoreBf16{h, Dp}, p0, p1);
+      },
+      [&](int64_t r0, int64_t n, const uint16_t* h, int64_t p0, int64_t p1) {
+        gemm_panels<Bf16Mac>(h, Dp, w2b, D, C, b2, n,
+                             ResidualStoreBf16{ob + r0 * C, rb != nullptr ? rb + r0 * C : nullptr,
+                                               gamma, C, C},
+                             p0, p1);
+      });
+}
+
+#else  // no AVX-512 build, or a compiler without the AVX512-BF16 intrinsics
+
+bool tiles_bf16_supported() { return false; }
+
+void mlp_tiles_fwd_bf16(const c10::BFloat16*, int64_t, int64_t, int64_t, const c10::BFloat16*,
+                        const float*, const c10::BFloat16*, const float*, const float*,
+                        const c10::BFloat16*, c10::BFloat16*) {
+  TORCH_CHECK(false, "mlp_tiles_fwd_bf16: this build has no AVX512-BF16 tiles");
+}
+
+#endif
+
+}  // namespace cpu
+}  // namespace convnext_fast
