@@ -64,6 +64,7 @@ inline void pack_panels(const float* w, int64_t N, int64_t K, float* dst) {
 // [K][NV * L]; bf16, mlp_tiles_bf16.cpp: pairs of k interleaved, [K / 2][NV * L][2]).
 struct Fp32Mac {
   using E = float;
+  static constexpr int64_t kSumBlock = 128;
   template <int R, int NV>
   static void run(Vec (&acc)[R][NV], const float* a, int64_t lda, const float* panel, int64_t K) {
     constexpr int64_t L = Vec::size();
@@ -126,10 +127,9 @@ struct ResidualStore {
   }
 };
 
-// K is summed in blocks of kSumBlock, each block's sums added to running totals in L1: one chain
-// of K fp32 adds per output would carry ~sqrt(K) roundings (at K = 3072, 7x PyTorch's own error
-// on the block); the totals cost R * NV loads and stores per kSumBlock * R * NV FMAs.
-constexpr int64_t kSumBlock = 128;
+// K is summed in blocks of Mac::kSumBlock, each block's sums added to running totals in L1: in
+// fp32 one chain of K adds per output would carry ~sqrt(K) roundings (at K = 3072, 7x PyTorch's
+// own error on the block); the totals cost R * NV loads and stores per kSumBlock * R * NV FMAs.
 
 template <typename Mac, int R, int NV, typename Store>
 inline void tile(const typename Mac::E* a, int64_t lda, const typename Mac::E* panel, int64_t K,
@@ -143,6 +143,7 @@ inline void tile(const typename Mac::E* a, int64_t lda, const typename Mac::E* p
     for (int r = 0; r < R; ++r) acc[r][v] = b;
   }
   a += row * lda;
+  constexpr int64_t kSumBlock = Mac::kSumBlock;
   if (K <= kSumBlock) {
     Mac::template run<R, NV>(acc, a, lda, panel, K);
   } else {
