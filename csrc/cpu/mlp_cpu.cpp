@@ -461,7 +461,8 @@ void mlp_fwd_native(const at::Tensor& y, const MlpParams& p, const scalar_t* res
 
 // Inference runs on the packed-weight tiles of mlp_tiles.h where the build's vector ISA has the
 // registers for their microkernel (AVX2, AVX-512): fp32, and bf16 (C even) where the CPU has
-// AVX512-BF16 and bf16 GEMMs are allowed (CONVNEXT_FAST_CPU_GEMM is not fp32). Only while the
+// AVX512-BF16 but no AMX (whose oneDNN GEMMs are faster) and bf16 GEMMs are allowed
+// (CONVNEXT_FAST_CPU_GEMM is not fp32). Only while the
 // packed weights are kept between calls (the derived cache is on: eager calls that need no
 // gradient): elsewhere (training, compiled graphs) packing per call would cost about as much as
 // the call at C = 768, and the ATen GEMM tiles run. CONVNEXT_FAST_MLP_CPU_TILES=0 turns the tiles

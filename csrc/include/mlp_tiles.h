@@ -1,4 +1,5 @@
-// The fp32 block MLP as register-tiled GEMMs on packed weights, fused over row tiles:
+// The block MLP for inference as register-tiled GEMMs on packed weights, fused over row tiles
+// (fp32 here; bf16 with the same tiling in csrc/cpu/mlp_tiles_bf16.cpp):
 //
 //   per tile of rows:  h   = gelu_erf(y_tile @ W1^T + b1)                  [rows, D], in L2
 //                      out = residual + gamma * (h @ W2^T + b2)
@@ -330,7 +331,7 @@ inline void mlp_tiles_fwd(const float* y, int64_t M, int64_t C, int64_t D, const
 }
 
 // bf16 on AVX512-BF16 dot products (csrc/cpu/mlp_tiles_bf16.cpp): whether this build and CPU
-// run them; W [N, K] (K even) packed with pairs of k interleaved (K * padded_cols(N) elements);
+// run them (AVX512-BF16 without AMX); W [N, K] (K even) packed with pairs of k interleaved (K * padded_cols(N) elements);
 // the block MLP as mlp_tiles_fwd with y, the packed weights, the residual and out in bf16 (C
 // even) and b1, b2, gamma fp32.
 bool tiles_bf16_supported();

@@ -164,8 +164,9 @@ def test_fp32_inference_tiles(case, full, split, monkeypatch):
 
 
 def _bf16_tiles() -> bool:
-    """The build and this CPU run the bf16 tiles (AVX-512 build, AVX512-BF16 CPU)."""
-    return _ext.build_info().get("cpu_flags") == "avx512" and torch.cpu._is_avx512_bf16_supported()
+    """The build and this CPU run the bf16 tiles (AVX-512 build, AVX512-BF16 CPU without AMX)."""
+    return (_ext.build_info().get("cpu_flags") == "avx512" and torch.cpu._is_avx512_bf16_supported()
+            and not torch.cpu._is_amx_tile_supported())
 
 
 @pytest.mark.parametrize("split", ["auto", "rows", "columns"])
