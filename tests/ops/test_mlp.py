@@ -230,16 +230,29 @@ def test_fp32_inference_tiles_see_weight_updates():
                         rtol=2e-6)
 
 
-def test_fp32_inference_tiles_on_one_thread():
-    args = [a.detach() for a in inputs("mlp", 1, 96, 7, 7, torch.float32)]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_tiles_do_not_depend_on_threads_or_split(dtype, monkeypatch):
+    """Each output element is the same sum in the same order whichever thread computes it and
+    however the rows are split: bitwise equal results on 1 and 2 threads, by rows and by columns."""
+    args = [a.detach() for a in inputs("mlp", 2, 48, 9, 7, dtype)]  # M = 126: 6-row tiles + tail
     threads = torch.get_num_threads()
+    outs = {}
     try:
-        torch.set_num_threads(1)
-        with torch.no_grad():
-            out = cpu_mlp(*args)
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for split in ("rows", "columns"):
+                monkeypatch.setenv("CONVNEXT_FAST_MLP_TILES_SPLIT", split)
+                with torch.no_grad():
+                    outs[n, split] = cpu_mlp(*args)
     finally:
         torch.set_num_threads(threads)
-    assert_fp32(out, reference.mlp(*as64(args)), rtol=2e-6)
+    first = outs[1, "rows"]
+    if dtype == torch.float32:
+        assert_fp32(first, reference.mlp(*as64(args)), rtol=2e-6)
+    else:
+        assert_parity(first, reference.mlp(*as64(args)), reference.mlp(*args))
+    for key, out in outs.items():
+        assert torch.equal(out, first), key
 
 
 def test_fp64_gradcheck():
