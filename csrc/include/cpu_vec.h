@@ -415,12 +415,18 @@ constexpr int tile_sets(int R) { return R >= 5 ? 1 : (R >= 3 ? 2 : 4); }
 // conv_block at ConvNeXt-T's stage-1 shape (benchmarks/results/cpu2core_ops.txt). Narrow tiles
 // (R < 5) add chains by giving successive kernel rows separate sets of sums (kernel row kh into
 // set (kh - kh_lo) % S), added at the end.
-template <int K, int R>
+//
+// Blocked: the layout is RowWindow's blocked one, whose pixel and tap strides are one vector.
+// As compile-time constants they become the loads' immediate offsets; as run-time strides each
+// of the 2K + R - 1 offsets of a kernel row took a register, and at K = 7, R = 8 (21 offsets) the
+// compiler kept them in vector registers and on the stack, moved back per load.
+template <int K, int R, bool Blocked>
 inline void conv_tile(float* out, const float* row, const float* wt, const float* bias,
                       int64_t lanes, int64_t C, const ConvLayout& lay, int64_t kh_lo,
                       int64_t kh_hi) {
   constexpr int S = tile_sets(R);
   constexpr int64_t L = Vec::size();
+  const int64_t ps = Blocked ? L : lay.pixel, ts = Blocked ? L : lay.tap;
   Vec a[S][R];
   const Vec b = bias == nullptr ? Vec(0.f) : lanes == L ? Vec::loadu(bias) : Vec::loadu(bias, lanes);
 #pragma GCC unroll 8
@@ -428,18 +434,18 @@ inline void conv_tile(float* out, const float* row, const float* wt, const float
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) a[s][r] = s == 0 ? b : Vec(0.f);
   }
-  const int64_t kstep = K * lay.tap;
+  const int64_t kstep = K * ts;
   int64_t kh = kh_lo;
   for (; kh + S <= kh_hi; kh += S) {
 #pragma GCC unroll 8
     for (int s = 0; s < S; ++s) {
-      conv_tile_row<K, R>(a[s], row + (kh + s) * lay.row, wt + (kh + s) * kstep, lay.pixel, lay.tap);
+      conv_tile_row<K, R>(a[s], row + (kh + s) * lay.row, wt + (kh + s) * kstep, ps, ts);
     }
   }
 #pragma GCC unroll 8
   for (int s = 0; s + 1 < S; ++s) {
     if (kh + s < kh_hi) {
-      conv_tile_row<K, R>(a[s], row + (kh + s) * lay.row, wt + (kh + s) * kstep, lay.pixel, lay.tap);
+      conv_tile_row<K, R>(a[s], row + (kh + s) * lay.row, wt + (kh + s) * kstep, ps, ts);
     }
   }
 #pragma GCC unroll 8
@@ -455,14 +461,14 @@ inline void conv_tile(float* out, const float* row, const float* wt, const float
   }
 }
 
-template <int K>
+template <int K, bool Blocked>
 inline void conv_tile_any(int64_t R, float* out, const float* row, const float* wt,
                           const float* bias, int64_t lanes, int64_t C, const ConvLayout& lay,
                           int64_t kh_lo, int64_t kh_hi) {
   switch (R) {
 #define CONVNEXT_FAST_CONV_TILE(r) \
   case r:                          \
-    return conv_tile<K, r>(out, row, wt, bias, lanes, C, lay, kh_lo, kh_hi);
+    return conv_tile<K, r, Blocked>(out, row, wt, bias, lanes, C, lay, kh_lo, kh_hi);
     CONVNEXT_FAST_CONV_TILE(1)
     CONVNEXT_FAST_CONV_TILE(2)
     CONVNEXT_FAST_CONV_TILE(3)
@@ -497,7 +503,13 @@ inline void conv_row_k(float* acc, const float* rows, const ConvLayout& lay, con
     int64_t w = 0;
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t R = narrow_w + (t < wide ? 1 : 0);
-      conv_tile_any<K>(R, acc + w * C + c, row + w * lay.pixel, wt, b, lanes, C, lay, kh_lo, kh_hi);
+      if (lay.pixel == L && lay.tap == L) {  // the blocked layout: constant strides
+        conv_tile_any<K, true>(R, acc + w * C + c, row + w * lay.pixel, wt, b, lanes, C, lay, kh_lo,
+                               kh_hi);
+      } else {
+        conv_tile_any<K, false>(R, acc + w * C + c, row + w * lay.pixel, wt, b, lanes, C, lay,
+                                kh_lo, kh_hi);
+      }
       w += R;
     }
   }
