@@ -460,22 +460,25 @@ void mlp_fwd_native(const at::Tensor& y, const MlpParams& p, const scalar_t* res
 }
 
 // Inference runs on the packed-weight tiles of mlp_tiles.h where the build's vector ISA has the
-// registers for their microkernel (AVX2, AVX-512): fp32, and bf16 (C even) where the CPU has
+// registers for their microkernel (AVX2, AVX-512): fp32, and bf16 (C and D even: the dot products
+// take pairs along both GEMMs' K) where the CPU has
 // AVX512-BF16 but no AMX (whose oneDNN GEMMs are faster) and bf16 GEMMs are allowed
 // (CONVNEXT_FAST_CPU_GEMM is not fp32). Only while the
 // packed weights are kept between calls (the derived cache is on: eager calls that need no
 // gradient): elsewhere (training, compiled graphs) packing per call would cost about as much as
 // the call at C = 768, and the ATen GEMM tiles run. CONVNEXT_FAST_MLP_CPU_TILES=0 turns the tiles
 // off (for measurements).
-bool use_tiles(const at::Tensor& y) {
+bool use_tiles(const at::Tensor& y, const at::Tensor& fc1_weight) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if (!DerivedCache::enabled()) return false;
   const char* v = std::getenv("CONVNEXT_FAST_MLP_CPU_TILES");
   if (v != nullptr && std::strcmp(v, "0") == 0) return false;
   const auto st = y.scalar_type();
-  return st == at::kFloat || (st == at::kBFloat16 && y.size(1) % 2 == 0 &&
-                              cpu::tiles_bf16_supported() && mlp_cpu_gemm_dtype(st) == st);
+  return st == at::kFloat ||
+         (st == at::kBFloat16 && y.size(1) % 2 == 0 && fc1_weight.size(0) % 2 == 0 &&
+          cpu::tiles_bf16_supported() && mlp_cpu_gemm_dtype(st) == st);
 #else
+  (void)fc1_weight;
   return false;
 #endif
 }
@@ -558,7 +561,7 @@ at::Tensor mlp_cpu(const at::Tensor& y, const at::Tensor& fc1_weight,
   if (y.numel() == 0) return out;
   const at::ScalarType gemm = mlp_cpu_gemm_dtype(y.scalar_type());
   const at::Tensor yd = y.detach();
-  if (use_tiles(y)) {
+  if (use_tiles(y, fc1_weight)) {
     mlp_fwd_tiles(yd, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual, out);
     return out;
   }

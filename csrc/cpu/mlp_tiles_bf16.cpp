@@ -162,7 +162,7 @@ void mlp_tiles_fwd_bf16(const c10::BFloat16* y, int64_t M, int64_t C, int64_t D,
                         const float* b2, const float* gamma, const c10::BFloat16* residual,
                         c10::BFloat16* out) {
   TORCH_CHECK(tiles_bf16_supported(), "mlp_tiles_fwd_bf16: this CPU has no AVX512-BF16");
-  TORCH_CHECK(C % 2 == 0, "mlp_tiles_fwd_bf16: C must be even, got ", C);
+  TORCH_CHECK(C % 2 == 0 && D % 2 == 0, "mlp_tiles_fwd_bf16: C and D must be even, got ", C, ", ", D);
   const auto bits = [](const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); };
   const uint16_t *yb = bits(y), *w1b = bits(w1p), *w2b = bits(w2p), *rb = bits(residual);
   uint16_t* ob = reinterpret_cast<uint16_t*>(out);

@@ -332,8 +332,8 @@ inline void mlp_tiles_fwd(const float* y, int64_t M, int64_t C, int64_t D, const
 
 // bf16 on AVX512-BF16 dot products (csrc/cpu/mlp_tiles_bf16.cpp): whether this build and CPU
 // run them (AVX512-BF16 without AMX); W [N, K] (K even) packed with pairs of k interleaved (K * padded_cols(N) elements);
-// the block MLP as mlp_tiles_fwd with y, the packed weights, the residual and out in bf16 (C
-// even) and b1, b2, gamma fp32.
+// the block MLP as mlp_tiles_fwd with y, the packed weights, the residual and out in bf16 (C and
+// D even) and b1, b2, gamma fp32.
 bool tiles_bf16_supported();
 void pack_panels_bf16(const c10::BFloat16* w, int64_t N, int64_t K, c10::BFloat16* dst);
 void mlp_tiles_fwd_bf16(const c10::BFloat16* y, int64_t M, int64_t C, int64_t D,

@@ -186,6 +186,20 @@ def test_bf16_inference(case, full, split, monkeypatch):
     assert torch.equal(again, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [1, 7, 50, 129])
+def test_inference_any_hidden_width(D, dtype):
+    """The hidden width is the weights' (not always 4C): odd D (no bf16 tiles: their dot products
+    take pairs of k) and D not a multiple of the vector width."""
+    args = [a.detach() for a in inputs("mlp", 2, 10, 3, 4, dtype, D=D)]
+    with torch.no_grad():
+        out = cpu_mlp(*args)
+    if dtype == torch.float32:
+        assert_fp32(out, reference.mlp(*as64(args)), rtol=2e-6)
+    else:
+        assert_parity(out, reference.mlp(*as64(args)), reference.mlp(*args))
+
+
 def test_inference_takes_the_tiles(monkeypatch):
     """An unknown CONVNEXT_FAST_MLP_TILES_SPLIT fails exactly where the tiles run: calls that need
     no gradient, fp32 in a build for AVX2 or AVX-512, bf16 with an even C in an AVX-512 build on an
@@ -205,6 +219,7 @@ def test_inference_takes_the_tiles(monkeypatch):
     with torch.no_grad():
         cpu_mlp(*[a.double() for a in args])
         cpu_mlp(*inputs("mlp", 1, 15, 4, 4, torch.bfloat16))  # odd C: no bf16 tiles
+        cpu_mlp(*inputs("mlp", 1, 16, 4, 4, torch.bfloat16, D=33))  # odd D: none either
         if not _bf16_tiles():
             cpu_mlp(*bf16)
         monkeypatch.setenv("CONVNEXT_FAST_CPU_GEMM", "fp32")
