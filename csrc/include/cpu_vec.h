@@ -395,7 +395,7 @@ inline void conv_tile_row(Vec (&a)[R], const float* row, const float* wt, int64_
 #pragma GCC unroll 32
   for (int j = 0; j < R + K - 1; ++j) {
     const Vec xv = Vec::loadu(row + j * ps);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const int kw = j - r;
       if (kw >= 0 && kw < K) a[r] = at::vec::fmadd(xv, wv[kw], a[r]);
@@ -406,6 +406,10 @@ inline void conv_tile_row(Vec (&a)[R], const float* row, const float* wt, int64_
 // Accumulator sets of an R-pixel tile (see conv_tile): enough independent FMA chains for narrow
 // tiles while S * R sums + K taps + 1 input still fit the 16 AVX2 registers.
 constexpr int tile_sets(int R) { return R >= 5 ? 1 : (R >= 3 ? 2 : 4); }
+
+// The widest tile: R sums + K taps + 1 input within the vector registers at K = 7 (AVX2: 8 + 7
+// + 1 = 16; AVX-512's 32 take 14 + 7 + 1, and a wider tile loads its taps for more pixels).
+constexpr int kConvTileMaxR = Vec::size() == 16 ? 14 : 8;
 
 // R consecutive output pixels x one vector of channels (`lanes` of them valid), kernel size K:
 // out[r * C + i] for r < R, i < lanes, from the window at `row` (this tile's first pixel and
@@ -431,7 +435,7 @@ inline void conv_tile(float* out, const float* row, const float* wt, const float
   const Vec b = bias == nullptr ? Vec(0.f) : lanes == L ? Vec::loadu(bias) : Vec::loadu(bias, lanes);
 #pragma GCC unroll 8
   for (int s = 0; s < S; ++s) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) a[s][r] = s == 0 ? b : Vec(0.f);
   }
   const int64_t kstep = K * ts;
@@ -448,7 +452,7 @@ inline void conv_tile(float* out, const float* row, const float* wt, const float
       conv_tile_row<K, R>(a[s], row + (kh + s) * lay.row, wt + (kh + s) * kstep, ps, ts);
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     Vec sum = a[0][r];
 #pragma GCC unroll 8
@@ -466,9 +470,12 @@ inline void conv_tile_any(int64_t R, float* out, const float* row, const float* 
                           const float* bias, int64_t lanes, int64_t C, const ConvLayout& lay,
                           int64_t kh_lo, int64_t kh_hi) {
   switch (R) {
-#define CONVNEXT_FAST_CONV_TILE(r) \
-  case r:                          \
-    return conv_tile<K, r, Blocked>(out, row, wt, bias, lanes, C, lay, kh_lo, kh_hi);
+#define CONVNEXT_FAST_CONV_TILE(r)                                                  \
+  case r:                                                                           \
+    if constexpr (r <= kConvTileMaxR) {                                             \
+      return conv_tile<K, r, Blocked>(out, row, wt, bias, lanes, C, lay, kh_lo, kh_hi); \
+    }                                                                               \
+    break;
     CONVNEXT_FAST_CONV_TILE(1)
     CONVNEXT_FAST_CONV_TILE(2)
     CONVNEXT_FAST_CONV_TILE(3)
@@ -477,21 +484,28 @@ inline void conv_tile_any(int64_t R, float* out, const float* row, const float* 
     CONVNEXT_FAST_CONV_TILE(6)
     CONVNEXT_FAST_CONV_TILE(7)
     CONVNEXT_FAST_CONV_TILE(8)
+    CONVNEXT_FAST_CONV_TILE(9)
+    CONVNEXT_FAST_CONV_TILE(10)
+    CONVNEXT_FAST_CONV_TILE(11)
+    CONVNEXT_FAST_CONV_TILE(12)
+    CONVNEXT_FAST_CONV_TILE(13)
+    CONVNEXT_FAST_CONV_TILE(14)
 #undef CONVNEXT_FAST_CONV_TILE
     default:
-      TORCH_INTERNAL_ASSERT(false, "conv_tile_any: tile width ", R, " not in [1, 8]");
+      break;
   }
+  TORCH_INTERNAL_ASSERT(false, "conv_tile_any: tile width ", R, " not in [1, ", kConvTileMaxR, "]");
 }
 
-// A row of W outputs is cut into ceil(W / 8) tiles of near-equal width (W = 14: 7 + 7, not
-// 8 + 4 + 2; W = 7: one tile of 7, not 4 + 3). A narrow tile costs more per pixel (more loads per
+// A row of W outputs is cut into ceil(W / kConvTileMaxR) tiles of near-equal width (AVX2, at
+// most 8: W = 14: 7 + 7, not 8 + 4 + 2; W = 7: one tile of 7, not 4 + 3). A narrow tile costs more per pixel (more loads per
 // FMA, fewer independent chains): at C = 384, W = 14 the 8-, 4- and 2-pixel tiles took 3.6%, 5.3%
 // and 7.7% of the op per pixel (benchmarks/results/cpu2core_ops.txt). Every tile is at least 4
 // wide once W >= 4.
 template <int K>
 inline void conv_row_k(float* acc, const float* rows, const ConvLayout& lay, const float* w_taps,
                        const float* bias, int64_t C, int64_t W, int64_t kh_lo, int64_t kh_hi) {
-  constexpr int64_t kMaxR = 8, L = Vec::size();
+  constexpr int64_t kMaxR = kConvTileMaxR, L = Vec::size();
   const int64_t tiles = (W + kMaxR - 1) / kMaxR;
   const int64_t narrow_w = W / tiles, wide = W % tiles;  // `wide` tiles are one pixel wider
   const int64_t vectors = lay.padded ? (C + L - 1) / L : C / L;
