@@ -190,6 +190,12 @@ def _info(_args, out: _Out) -> int:
                    "overrides")
             out.line("CPU mlp GEMMs: " + ", ".join(f"{k} inputs in {v}" for k, v in gemm.items())
                      + f" ({how})")
+            tiles = _ext.cpu_mlp_tiles()
+            if tiles:
+                out.line("CPU mlp inference on packed-weight tiles: "
+                         + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in tiles.items())
+                         + " (bf16 needs AVX512-BF16 without AMX; CONVNEXT_FAST_MLP_CPU_TILES=0 turns "
+                           "them off; training and compiled graphs use the GEMMs above)")
     env = os.environ.get(backends.ENV_VAR)
     out.line(f"requested backend: {env + ' (from ' + backends.ENV_VAR + ')' if env else 'automatic'}")
     off = registry.disabled_ops()

@@ -112,6 +112,16 @@ def cpu_gemm_dtypes() -> dict:
     return dict(mod.cpu_gemm_dtypes())
 
 
+def cpu_mlp_tiles() -> dict:
+    """{"float32": bool, "bfloat16": bool}: whether the C++ CPU mlp's inference calls (eager, no
+    gradient) of that dtype run on its packed-weight tiles in this build on this CPU (bf16 also
+    needs C and the hidden width even); empty without the extension."""
+    mod = load()
+    if mod is None or not hasattr(mod, "cpu_mlp_tiles"):
+        return {}
+    return dict(mod.cpu_mlp_tiles())
+
+
 def cuda_limits() -> dict:
     """The CUDA dwconv_ln kernels' limits (max_c, tile_w, bwd_static_shared_bytes, max_grid_yz,
     kernel_sizes) as compiled into the extension; empty without it (or in an old build)."""

@@ -91,6 +91,15 @@ static PyObject* cpu_gemm_dtypes(PyObject*, PyObject*) {
   return d;
 }
 
+// cpu_mlp_tiles(): {"float32": bool, "bfloat16": bool}, whether the CPU mlp's inference calls of
+// that dtype run on the packed-weight tiles here (what `python -m convnext_fast info` shows).
+static PyObject* cpu_mlp_tiles(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:O,s:O}", "float32",
+                       convnext_fast::mlp_cpu_tiles(c10::ScalarType::Float) ? Py_True : Py_False,
+                       "bfloat16",
+                       convnext_fast::mlp_cpu_tiles(c10::ScalarType::BFloat16) ? Py_True : Py_False);
+}
+
 // cuda_limits(): the CUDA dwconv_ln kernels' limits, for the cuda backend's support rule.
 static PyObject* cuda_limits(PyObject*, PyObject*) {
   using namespace convnext_fast;
@@ -126,6 +135,8 @@ static PyMethodDef methods[] = {
      "Turn the derived-weight cache on or off for this thread; returns the previous setting."},
     {"cpu_gemm_dtypes", cpu_gemm_dtypes, METH_NOARGS,
      "The dtype of the CPU mlp forward's GEMMs for bf16 and fp16 inputs."},
+    {"cpu_mlp_tiles", cpu_mlp_tiles, METH_NOARGS,
+     "Whether the CPU mlp's inference calls run on the packed-weight tiles, per dtype."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

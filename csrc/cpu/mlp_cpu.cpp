@@ -403,6 +403,18 @@ at::ScalarType mlp_cpu_gemm_dtype(at::ScalarType st) {
   return (st == at::kBFloat16 ? bf16 : fp16) ? st : at::kFloat;
 }
 
+bool mlp_cpu_tiles(at::ScalarType st) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const char* v = std::getenv("CONVNEXT_FAST_MLP_CPU_TILES");
+  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
+  return st == at::kFloat ||
+         (st == at::kBFloat16 && cpu::tiles_bf16_supported() && mlp_cpu_gemm_dtype(st) == st);
+#else
+  (void)st;
+  return false;
+#endif
+}
+
 namespace {
 
 // Forward with GEMMs in the storage dtype (bf16/fp16; p.w1/p.w2 in it, p.b1/p.b2/p.gamma fp32):
@@ -459,28 +471,17 @@ void mlp_fwd_native(const at::Tensor& y, const MlpParams& p, const scalar_t* res
   }
 }
 
-// Inference runs on the packed-weight tiles of mlp_tiles.h where the build's vector ISA has the
-// registers for their microkernel (AVX2, AVX-512): fp32, and bf16 (C and D even: the dot products
-// take pairs along both GEMMs' K) where the CPU has
-// AVX512-BF16 but no AMX (whose oneDNN GEMMs are faster) and bf16 GEMMs are allowed
-// (CONVNEXT_FAST_CPU_GEMM is not fp32). Only while the
-// packed weights are kept between calls (the derived cache is on: eager calls that need no
-// gradient): elsewhere (training, compiled graphs) packing per call would cost about as much as
-// the call at C = 768, and the ATen GEMM tiles run. CONVNEXT_FAST_MLP_CPU_TILES=0 turns the tiles
-// off (for measurements).
+// Inference runs on the packed-weight tiles of mlp_tiles.h where mlp_cpu_tiles says so (the
+// build's vector ISA has the registers for their microkernel: AVX2, AVX-512; bf16 where the CPU
+// has AVX512-BF16 but no AMX, whose oneDNN GEMMs are faster, and CONVNEXT_FAST_CPU_GEMM is not
+// fp32; CONVNEXT_FAST_MLP_CPU_TILES=0 turns them off, for measurements), bf16 with C and D even
+// (the dot products take pairs along both GEMMs' K), and only while the packed weights are kept
+// between calls (the derived cache is on: eager calls that need no gradient). Elsewhere
+// (training, compiled graphs) packing per call would cost about as much as the call at C = 768,
+// and the ATen GEMM tiles run.
 bool use_tiles(const at::Tensor& y, const at::Tensor& fc1_weight) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if (!DerivedCache::enabled()) return false;
-  const char* v = std::getenv("CONVNEXT_FAST_MLP_CPU_TILES");
-  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
-  const auto st = y.scalar_type();
-  return st == at::kFloat ||
-         (st == at::kBFloat16 && y.size(1) % 2 == 0 && fc1_weight.size(0) % 2 == 0 &&
-          cpu::tiles_bf16_supported() && mlp_cpu_gemm_dtype(st) == st);
-#else
-  (void)fc1_weight;
-  return false;
-#endif
+  if (!DerivedCache::enabled() || !mlp_cpu_tiles(y.scalar_type())) return false;
+  return y.scalar_type() != at::kBFloat16 || (y.size(1) % 2 == 0 && fc1_weight.size(0) % 2 == 0);
 }
 
 // Tags of the derived-cache entries made here (conv_taps uses 1000-1003).

@@ -9,4 +9,9 @@ namespace convnext_fast {
 // oneDNN has them natively (or CONVNEXT_FAST_CPU_GEMM=native), else fp32 (fp64 for fp64).
 c10::ScalarType mlp_cpu_gemm_dtype(c10::ScalarType st);
 
+// Whether inference calls (eager, no gradient) of the CPU mlp with inputs of dtype st run on the
+// packed-weight tiles (include/mlp_tiles.h) in this build on this CPU; bf16 also needs C and D
+// even.
+bool mlp_cpu_tiles(c10::ScalarType st);
+
 }  // namespace convnext_fast

@@ -209,6 +209,7 @@ def test_inference_takes_the_tiles(monkeypatch):
         pytest.skip(f"the tiles need an AVX2/AVX-512 build, this one: {_ext.build_info()}")
     args = inputs("mlp", 1, 16, 4, 4, torch.float32)
     bf16 = [a.bfloat16() for a in args]
+    assert _ext.cpu_mlp_tiles() == {"float32": True, "bfloat16": _bf16_tiles()}  # what info shows
     monkeypatch.setenv("CONVNEXT_FAST_MLP_TILES_SPLIT", "diagonal")
     tiled = [args] + ([bf16] if _bf16_tiles() else [])
     for a in tiled:
@@ -226,6 +227,7 @@ def test_inference_takes_the_tiles(monkeypatch):
         cpu_mlp(*bf16)
         monkeypatch.setenv("CONVNEXT_FAST_MLP_CPU_TILES", "0")
         cpu_mlp(*args)
+    assert _ext.cpu_mlp_tiles() == {"float32": False, "bfloat16": False}
 
 
 def test_fp32_inference_tiles_see_weight_updates():
