@@ -145,15 +145,21 @@ struct ResidualStoreBf16 {
 
 }  // namespace
 
-// Where the CPU has AMX, oneDNN's bf16 GEMMs (the ATen path) run on its tiles, several times the
-// dot products' rate: the tiles here stay off there (CPUID leaf 7: EDX bit 22 is AMX-BF16).
-bool cpu_has_amx_bf16() {
+// Where the CPU has AMX and the OS runs it, oneDNN's bf16 GEMMs (the ATen path) run on its
+// tiles, several times the dot products' rate: the tiles here stay off there. CPUID leaf 7 EDX
+// bit 22 is AMX-BF16; XCR0 bits 17-18 say the OS saves the tile state (without them oneDNN falls
+// back to the dot products, and so do we, with the fused tiles).
+bool amx_bf16_usable() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 && (edx >> 22 & 1u) != 0;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0 || (edx >> 22 & 1u) == 0) return false;
+  if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0 || (ecx >> 27 & 1u) == 0) return false;  // OSXSAVE
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo >> 17 & 3u) == 3u;
 }
 
 bool tiles_bf16_supported() {
-  static const bool ok = __builtin_cpu_supports("avx512bf16") && !cpu_has_amx_bf16();
+  static const bool ok = __builtin_cpu_supports("avx512bf16") && !amx_bf16_usable();
   return ok;
 }
 
