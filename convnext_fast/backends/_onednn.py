@@ -12,11 +12,12 @@ version (:class:`convnext_fast._prepared.Prepared`), so an optimizer step or a w
 seen at the next call. Post-ops run on the fp32 accumulator, so bf16 rounds the hidden and the
 output once each (PyTorch's bf16 Linear + GELU + scale + add rounds five times).
 
-Compared with the ``cpu`` backend's fused tiles (csrc/cpu/mlp_cpu.cpp) this materialises the
-[M, 4C] hidden (in cache-sized row chunks in fp32), but the prepacked GEMMs run closer to the FMA
-peak: summed over ConvNeXt-T's blocks at batch 1 and 8 on 2 threads of a Zen 4, 12% less time in
-fp32 and 14% in bf16 (benchmarks/results/cpu_avx512_bf16_ops.json). Which one runs is the
-measured order per CPU kind (``backend_order.json``). Inference only: a call that needs
+Compared with the ``cpu`` backend this materialises the [M, 4C] hidden (in cache-sized row
+chunks in fp32). It ran 12% (fp32) and 14% (bf16) faster than the ``cpu`` backend's ATen-GEMM
+tiles summed over ConvNeXt-T's blocks at batch 1 and 8 on 2 threads of a Zen 4; the ``cpu``
+backend's own microkernel tiles (csrc/include/mlp_tiles.h) now beat it there, 424 vs 591 ms in
+fp32 and 238 vs 251 ms in bf16 (benchmarks/results/cpu_avx512_bf16_ops.json). Which one runs is
+the measured order per CPU kind (``backend_order.json``); ``mlp_grn`` has no tiles. Inference only: a call that needs
 gradients goes to a backend with a backward; fp32 and bf16 (bf16 where oneDNN computes it
 natively).
 """

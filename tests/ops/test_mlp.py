@@ -133,8 +133,8 @@ def test_cpu_gemm_setting_rejects_unknown_values(monkeypatch):
     assert _ext.cpu_gemm_dtypes()["bfloat16"] in ("bfloat16", "float32")
 
 
-# The fp32 inference path (csrc/include/mlp_tiles.h: packed weights, our own microkernel), taken
-# by eager calls that need no gradient. (N, C, H, W); D = 4C.
+# The inference paths (csrc/include/mlp_tiles.h: packed weights, our own microkernels; fp32, and
+# bf16 on AVX512-BF16), taken by eager calls that need no gradient. (N, C, H, W); D = 4C.
 TILE_CASES = [
     (1, 13, 3, 5),     # odd C: partial output vectors; D = 52 pads to whole vectors
     (2, 20, 3, 3),     # D = 80: a full panel, then one of a single vector
@@ -173,8 +173,8 @@ def _bf16_tiles() -> bool:
 @pytest.mark.parametrize("full", [True, False], ids=["biases_gamma_residual", "bare"])
 @pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_bf16_inference(case, full, split, monkeypatch):
-    """bf16 inference: on the bf16 tiles where the CPU has AVX512-BF16 and C is even, else the
-    ATen-GEMM path; either way within 2x PyTorch's own bf16 error."""
+    """bf16 inference: on the bf16 tiles where the CPU has AVX512-BF16 without AMX and C is even,
+    else the ATen-GEMM path; either way within 2x PyTorch's own bf16 error."""
     monkeypatch.setenv("CONVNEXT_FAST_MLP_TILES_SPLIT", split)
     args = [a.detach() if isinstance(a, torch.Tensor) else a
             for a in inputs("mlp", *case, torch.bfloat16, bias=full, gamma=full, residual=full)]
