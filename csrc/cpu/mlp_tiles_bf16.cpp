@@ -170,20 +170,9 @@ void mlp_tiles_fwd_bf16(const c10::BFloat16* y, int64_t M, int64_t C, int64_t D,
   TORCH_CHECK(tiles_bf16_supported(), "mlp_tiles_fwd_bf16: this CPU has no AVX512-BF16");
   TORCH_CHECK(C % 2 == 0 && D % 2 == 0, "mlp_tiles_fwd_bf16: C and D must be even, got ", C, ", ", D);
   const auto bits = [](const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); };
-  const uint16_t *yb = bits(y), *w1b = bits(w1p), *w2b = bits(w2p), *rb = bits(residual);
-  uint16_t* ob = reinterpret_cast<uint16_t*>(out);
-  const int64_t Dp = padded_cols(D);
-  split_mlp<uint16_t>(
-      M, C, D,
-      [&](int64_t r0, int64_t n, uint16_t* h, int64_t p0, int64_t p1) {
-        gemm_panels<Bf16Mac>(yb + r0 * C, C, w1b, C, D, b1, n, GeluStoreBf16{h, Dp}, p0, p1);
-      },
-      [&](int64_t r0, int64_t n, const uint16_t* h, int64_t p0, int64_t p1) {
-        gemm_panels<Bf16Mac>(h, Dp, w2b, D, C, b2, n,
-                             ResidualStoreBf16{ob + r0 * C, rb != nullptr ? rb + r0 * C : nullptr,
-                                               gamma, C, C},
-                             p0, p1);
-      });
+  tiles_mlp<Bf16Mac, GeluStoreBf16, ResidualStoreBf16>(
+      bits(y), M, C, D, bits(w1p), b1, bits(w2p), b2, gamma, bits(residual),
+      reinterpret_cast<uint16_t*>(out));
 }
 
 #else  // no AVX-512 build, or a compiler without the AVX512-BF16 intrinsics

@@ -309,6 +309,29 @@ inline void split_mlp(int64_t M, int64_t C, int64_t D, const Fc1& fc1, const Fc2
   });
 }
 
+// The block MLP on M rows of y [M, C] with microkernel Mac and its stores: fc1's tiles end in
+// Gelu{h, ldh}, fc2's in Residual{out, residual, gamma, ld, cols}; y, the packed weights, the
+// hidden, the residual and out are Mac::E, the vectors fp32.
+template <typename Mac, typename Gelu, typename Residual>
+inline void tiles_mlp(const typename Mac::E* y, int64_t M, int64_t C, int64_t D,
+                      const typename Mac::E* w1p, const float* b1, const typename Mac::E* w2p,
+                      const float* b2, const float* gamma, const typename Mac::E* residual,
+                      typename Mac::E* out) {
+  using E = typename Mac::E;
+  const int64_t Dp = padded_cols(D);
+  split_mlp<E>(
+      M, C, D,
+      [&](int64_t r0, int64_t n, E* h, int64_t p0, int64_t p1) {
+        gemm_panels<Mac>(y + r0 * C, C, w1p, C, D, b1, n, Gelu{h, Dp}, p0, p1);
+      },
+      [&](int64_t r0, int64_t n, const E* h, int64_t p0, int64_t p1) {
+        gemm_panels<Mac>(h, Dp, w2p, D, C, b2, n,
+                         Residual{out + r0 * C, residual != nullptr ? residual + r0 * C : nullptr,
+                                  gamma, C, C},
+                         p0, p1);
+      });
+}
+
 // The block MLP (see the top of this file) on M rows of y [M, C] (row-major, NHWC's rows):
 // out [M, C] = residual + gamma * (gelu(y @ W1^T + b1) @ W2^T + b2). w1p / w2p: W1 [D, C] / W2
 // [C, D] packed by pack_panels; b1 [padded_cols(D)], b2 and gamma [padded_cols(C)] zero-padded,
@@ -316,24 +339,13 @@ inline void split_mlp(int64_t M, int64_t C, int64_t D, const Fc1& fc1, const Fc2
 inline void mlp_tiles_fwd(const float* y, int64_t M, int64_t C, int64_t D, const float* w1p,
                           const float* b1, const float* w2p, const float* b2, const float* gamma,
                           const float* residual, float* out) {
-  const int64_t Dp = padded_cols(D);
-  split_mlp<float>(
-      M, C, D,
-      [&](int64_t r0, int64_t n, float* h, int64_t p0, int64_t p1) {
-        gemm_panels<Fp32Mac>(y + r0 * C, C, w1p, C, D, b1, n, GeluStore{h, Dp}, p0, p1);
-      },
-      [&](int64_t r0, int64_t n, const float* h, int64_t p0, int64_t p1) {
-        gemm_panels<Fp32Mac>(h, Dp, w2p, D, C, b2, n,
-                    ResidualStore{out + r0 * C, residual != nullptr ? residual + r0 * C : nullptr,
-                                  gamma, C, C},
-                    p0, p1);
-      });
+  tiles_mlp<Fp32Mac, GeluStore, ResidualStore>(y, M, C, D, w1p, b1, w2p, b2, gamma, residual, out);
 }
 
 // bf16 on AVX512-BF16 dot products (csrc/cpu/mlp_tiles_bf16.cpp): whether this build and CPU
-// run them (AVX512-BF16 without AMX); W [N, K] (K even) packed with pairs of k interleaved (K * padded_cols(N) elements);
-// the block MLP as mlp_tiles_fwd with y, the packed weights, the residual and out in bf16 (C and
-// D even) and b1, b2, gamma fp32.
+// run them (AVX512-BF16 without AMX); W [N, K] (K even) packed with pairs of k interleaved
+// (K * padded_cols(N) elements); the block MLP as mlp_tiles_fwd with y, the packed weights, the
+// residual and out in bf16 (C and D even) and b1, b2, gamma fp32.
 bool tiles_bf16_supported();
 void pack_panels_bf16(const c10::BFloat16* w, int64_t N, int64_t K, c10::BFloat16* dst);
 void mlp_tiles_fwd_bf16(const c10::BFloat16* y, int64_t M, int64_t C, int64_t D,
