@@ -501,30 +501,39 @@ inline void conv_tile_any(int64_t R, float* out, const float* row, const float* 
 // most 8: W = 14: 7 + 7, not 8 + 4 + 2; W = 7: one tile of 7, not 4 + 3). A narrow tile costs more per pixel (more loads per
 // FMA, fewer independent chains): at C = 384, W = 14 the 8-, 4- and 2-pixel tiles took 3.6%, 5.3%
 // and 7.7% of the op per pixel (benchmarks/results/cpu2core_ops.txt). Every tile is at least 4
-// wide once W >= 4.
+// wide once W >= 4. conv_vec_row: one channel vector of such a row, acc[w * C] for w in [0, W)
+// (`lanes` channels), from the window `row` of that vector (the row's first pixel) and its taps
+// `wt`; conv_row_k: every vector of the row.
+template <int K, bool Blocked>
+inline void conv_vec_row(float* acc, const float* row, const float* wt, const float* bias,
+                         int64_t lanes, int64_t C, int64_t W, const ConvLayout& lay, int64_t kh_lo,
+                         int64_t kh_hi) {
+  constexpr int64_t kMaxR = kConvTileMaxR;
+  const int64_t tiles = (W + kMaxR - 1) / kMaxR;
+  const int64_t narrow_w = W / tiles, wide = W % tiles;  // `wide` tiles are one pixel wider
+  int64_t w = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t R = narrow_w + (t < wide ? 1 : 0);
+    conv_tile_any<K, Blocked>(R, acc + w * C, row + w * lay.pixel, wt, bias, lanes, C, lay, kh_lo,
+                              kh_hi);
+    w += R;
+  }
+}
+
 template <int K>
 inline void conv_row_k(float* acc, const float* rows, const ConvLayout& lay, const float* w_taps,
                        const float* bias, int64_t C, int64_t W, int64_t kh_lo, int64_t kh_hi) {
-  constexpr int64_t kMaxR = kConvTileMaxR, L = Vec::size();
-  const int64_t tiles = (W + kMaxR - 1) / kMaxR;
-  const int64_t narrow_w = W / tiles, wide = W % tiles;  // `wide` tiles are one pixel wider
+  constexpr int64_t L = Vec::size();
   const int64_t vectors = lay.padded ? (C + L - 1) / L : C / L;
   for (int64_t v = 0; v < vectors; ++v) {
     const int64_t c = v * L, lanes = std::min(L, C - c);
     const float* row = rows + v * lay.vec;
     const float* wt = w_taps + v * lay.tap_vec;
     const float* b = bias != nullptr ? bias + c : nullptr;
-    int64_t w = 0;
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t R = narrow_w + (t < wide ? 1 : 0);
-      if (lay.pixel == L && lay.tap == L) {  // the blocked layout: constant strides
-        conv_tile_any<K, true>(R, acc + w * C + c, row + w * lay.pixel, wt, b, lanes, C, lay, kh_lo,
-                               kh_hi);
-      } else {
-        conv_tile_any<K, false>(R, acc + w * C + c, row + w * lay.pixel, wt, b, lanes, C, lay,
-                                kh_lo, kh_hi);
-      }
-      w += R;
+    if (lay.pixel == L && lay.tap == L) {  // the blocked layout: constant strides
+      conv_vec_row<K, true>(acc + c, row, wt, b, lanes, C, W, lay, kh_lo, kh_hi);
+    } else {
+      conv_vec_row<K, false>(acc + c, row, wt, b, lanes, C, W, lay, kh_lo, kh_hi);
     }
   }
   const int64_t c = vectors * L;

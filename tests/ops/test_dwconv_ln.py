@@ -235,6 +235,40 @@ def test_automatic_selection_prefers_the_cpu_kernel():
     assert y.shape == (1, 8, 3, 3)
 
 
+# The CPU forward splits the conv by rows or, for small images, by channel planes. Both, forced, at
+# shapes where the two differ in what they load: images smaller than the kernel, one row, C not a
+# multiple of the vector width (a partial last plane), several images, every blocked kernel size.
+SPLIT_SHAPES = [
+    (1, 768, 7, 7, 7), (2, 37, 5, 9, 7), (1, 20, 1, 1, 7), (3, 16, 2, 3, 5), (1, 33, 4, 17, 3),
+    (2, 96, 13, 11, 7), (1, 8, 3, 30, 7), (4, 24, 1, 6, 5), (1, 200, 14, 14, 7),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_splits_match_the_reference_and_each_other(shape, dtype, monkeypatch):
+    """Both splits within the parity rule and bitwise equal (the same sums in the same order), with
+    the outputs poisoned first (tests/conftest.py) and the statistics checked too."""
+    args = dwconv_ln_inputs(shape, dtype, bias=shape[1] % 2 == 1)
+    outs = {}
+    for split in ("rows", "planes"):
+        monkeypatch.setenv("CONVNEXT_FAST_DWCONV_LN_CPU_SPLIT", split)
+        outs[split] = torch.ops.convnext_fast.dwconv_ln(*args, 1e-6)
+    ref64 = reference.dwconv_ln(*as64(args), 1e-6)
+    assert_parity(outs["planes"][0], ref64, reference.dwconv_ln(*args, 1e-6), name=f"planes{shape}")
+    for a, b in zip(outs["rows"], outs["planes"]):
+        assert torch.equal(a, b)
+
+
+@needs_ext
+def test_cpu_split_setting_is_read_and_checked(monkeypatch):
+    """An unknown split fails loudly (the setting is read where the forward picks its split)."""
+    monkeypatch.setenv("CONVNEXT_FAST_DWCONV_LN_CPU_SPLIT", "diagonal")
+    with pytest.raises(RuntimeError, match="must be 'auto', 'rows' or 'planes'"):
+        torch.ops.convnext_fast.dwconv_ln(*dwconv_ln_inputs((1, 16, 4, 4, 7), torch.float32), 1e-6)
+
+
 @pytest.mark.parametrize("backend", ["torch", *EXT_BACKENDS])
 def test_layouts_and_edge_shapes(backend):
     dev = device_of(backend)
