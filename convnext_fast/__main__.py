@@ -196,6 +196,12 @@ def _info(_args, out: _Out) -> int:
                          + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in tiles.items())
                          + " (bf16 needs AVX512-BF16 without AMX; CONVNEXT_FAST_MLP_CPU_TILES=0 turns "
                            "them off; training and compiled graphs use the GEMMs above)")
+            fused = _ext.cpu_downsample()
+            if fused:
+                out.line("CPU downsample inference as one op (LayerNorm + patch conv on the tiles): "
+                         + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in fused.items())
+                         + " (CONVNEXT_FAST_CPU_DOWNSAMPLE=0 turns it off; elsewhere LayerNorm2d, "
+                           "then the conv)")
     env = os.environ.get(backends.ENV_VAR)
     out.line(f"requested backend: {env + ' (from ' + backends.ENV_VAR + ')' if env else 'automatic'}")
     off = registry.disabled_ops()

@@ -122,6 +122,16 @@ def cpu_mlp_tiles() -> dict:
     return dict(mod.cpu_mlp_tiles())
 
 
+def cpu_downsample() -> dict:
+    """{"float32": bool, "bfloat16": bool}: whether ``convnext_fast::downsample`` (the fused
+    LayerNorm + patch conv of the CPU inference path, models/cpu_conv.py) runs for that dtype in this
+    build on this CPU; empty without the extension or in an older build."""
+    mod = load()
+    if mod is None or not hasattr(mod, "cpu_downsample"):
+        return {}
+    return dict(mod.cpu_downsample())
+
+
 def cuda_limits() -> dict:
     """The CUDA dwconv_ln kernels' limits (max_c, tile_w, bwd_static_shared_bytes, max_grid_yz,
     kernel_sizes) as compiled into the extension; empty without it (or in an old build)."""

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "include/derived_cache.h"
+#include "include/downsample_cpu.h"
 #include "include/dwconv_limits.h"
 #include "include/mlp_cpu.h"
 
@@ -37,6 +38,12 @@ TORCH_LIBRARY(convnext_fast, m) {
   m.def(
       "mlp_bwd(Tensor grad_out, Tensor y, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
       "Tensor? fc2_bias, Tensor? gamma) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The ConvNeXt downsample for CPU inference (models/cpu_conv.py): conv_{s x s, stride s}(
+  // LayerNorm_C(x)), x channels_last [N, C, H, W], conv_weight [C_out, C, s, s] -> channels_last
+  // [N, C_out, H / s, W / s]. No autograd: callers take it only when no gradient is needed.
+  m.def(
+      "downsample(Tensor x, Tensor ln_weight, Tensor ln_bias, float eps, Tensor conv_weight, "
+      "Tensor? conv_bias) -> Tensor");
 }
 
 #ifndef CONVNEXT_FAST_ARCH_LIST
@@ -100,6 +107,16 @@ static PyObject* cpu_mlp_tiles(PyObject*, PyObject*) {
                        convnext_fast::mlp_cpu_tiles(c10::ScalarType::BFloat16) ? Py_True : Py_False);
 }
 
+// cpu_downsample(): {"float32": bool, "bfloat16": bool}, whether convnext_fast::downsample runs
+// for that dtype here.
+static PyObject* cpu_downsample(PyObject*, PyObject*) {
+  using convnext_fast::downsample_cpu_supported;
+  return Py_BuildValue("{s:O,s:O}", "float32",
+                       downsample_cpu_supported(c10::ScalarType::Float) ? Py_True : Py_False,
+                       "bfloat16",
+                       downsample_cpu_supported(c10::ScalarType::BFloat16) ? Py_True : Py_False);
+}
+
 // cuda_limits(): the CUDA dwconv_ln kernels' limits, for the cuda backend's support rule.
 static PyObject* cuda_limits(PyObject*, PyObject*) {
   using namespace convnext_fast;
@@ -137,6 +154,8 @@ static PyMethodDef methods[] = {
      "The dtype of the CPU mlp forward's GEMMs for bf16 and fp16 inputs."},
     {"cpu_mlp_tiles", cpu_mlp_tiles, METH_NOARGS,
      "Whether the CPU mlp's inference calls run on the packed-weight tiles, per dtype."},
+    {"cpu_downsample", cpu_downsample, METH_NOARGS,
+     "Whether convnext_fast::downsample has a CPU kernel here, per dtype."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

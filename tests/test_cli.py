@@ -16,7 +16,8 @@ def test_info_lists_ops_backends_and_reasons():
     assert out.returncode == 0, out.stderr
     words = ["dwconv_ln", "mlp_grn", "torch", "triton", "cuda", "extension:", "automatic choice"]
     if "unavailable" not in out.stdout:
-        words += ["CPU mlp GEMMs: bfloat16 inputs in", "CPU mlp inference on packed-weight tiles: float32"]
+        words += ["CPU mlp GEMMs: bfloat16 inputs in", "CPU mlp inference on packed-weight tiles: float32",
+                  "CPU downsample inference as one op"]
     for word in words:
         assert word in out.stdout
 

@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 
 from .. import ops
 from . import support
-from .cpu_conv import Fp32ComputeConv2d
+from .cpu_conv import Fp32ComputeConv2d, fused_downsample
 
 __all__ = [
     "ConvNeXt", "ConvNeXtFeatures", "ConvNeXtBlock", "ConvNeXtStage", "LayerNorm", "LayerNorm2d",
@@ -243,6 +243,17 @@ class ConvNeXtBlock(nn.Module):
         return out
 
 
+class Downsample(nn.Sequential):
+    """A stage's downsample: ``LayerNorm2d`` then the s x s conv of stride s (timm's
+    ``nn.Sequential`` and names). On a CPU at inference the two run as one op
+    (:func:`convnext_fast.models.cpu_conv.fused_downsample`); elsewhere, one after the other."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] -> [N, C_out, H / s, W / s] channels-last."""
+        out = fused_downsample(self[0], self[1], x)
+        return super().forward(x) if out is None else out
+
+
 class ConvNeXtStage(nn.Module):
     """An optional downsample (LayerNorm2d + 2x2/s2 conv) followed by ``depth`` blocks."""
 
@@ -267,7 +278,7 @@ class ConvNeXtStage(nn.Module):
         self.grad_checkpointing = False
         if in_chs != out_chs or stride > 1:
             eps = 1e-6 if norm_eps is None else norm_eps
-            self.downsample = nn.Sequential(
+            self.downsample = Downsample(
                 LayerNorm2d(in_chs, eps=eps, **dd),
                 Fp32ComputeConv2d(in_chs, out_chs, kernel_size=stride, stride=stride, bias=conv_bias, **dd),
             )

@@ -508,7 +508,8 @@ at::Tensor packed_panels(const at::Tensor& w) {
   });
 }
 
-// A vector in fp32, zero-padded to whole vectors (the tiles load whole vectors of it).
+}  // namespace
+
 at::Tensor padded_vector(const std::optional<at::Tensor>& v) {
   if (!v.has_value()) return {};
   return derived_cache().get(*v, kPaddedTag, [](const at::Tensor& t) {
@@ -517,6 +518,8 @@ at::Tensor padded_vector(const std::optional<at::Tensor>& v) {
     return out;
   });
 }
+
+namespace {
 
 void mlp_fwd_tiles(const at::Tensor& y, const at::Tensor& fc1_weight,
                    const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,

@@ -175,6 +175,19 @@ void mlp_tiles_fwd_bf16(const c10::BFloat16* y, int64_t M, int64_t C, int64_t D,
       reinterpret_cast<uint16_t*>(out));
 }
 
+void gemm_tiles_fwd_bf16(const c10::BFloat16* a, int64_t M, int64_t K, const c10::BFloat16* packed,
+                         int64_t N, const float* bias, c10::BFloat16* out) {
+  TORCH_CHECK(tiles_bf16_supported(), "gemm_tiles_fwd_bf16: this CPU has no AVX512-BF16");
+  TORCH_CHECK(K % 2 == 0, "gemm_tiles_fwd_bf16: K must be even, got ", K);
+  const auto* a16 = reinterpret_cast<const uint16_t*>(a);
+  const auto* b16 = reinterpret_cast<const uint16_t*>(packed);
+  auto* o16 = reinterpret_cast<uint16_t*>(out);
+  split_gemm<uint16_t>(M, K, N, [&](int64_t r0, int64_t n, int64_t p0, int64_t p1) {
+    gemm_panels<Bf16Mac>(a16 + r0 * K, K, b16, K, N, bias, n,
+                         ResidualStoreBf16{o16 + r0 * N, nullptr, nullptr, N, N}, p0, p1);
+  });
+}
+
 #else  // no AVX-512 build, or a compiler without the AVX512-BF16 intrinsics
 
 bool tiles_bf16_supported() { return false; }
@@ -183,6 +196,11 @@ void mlp_tiles_fwd_bf16(const c10::BFloat16*, int64_t, int64_t, int64_t, const c
                         const float*, const c10::BFloat16*, const float*, const float*,
                         const c10::BFloat16*, c10::BFloat16*) {
   TORCH_CHECK(false, "mlp_tiles_fwd_bf16: this build has no AVX512-BF16 tiles");
+}
+
+void gemm_tiles_fwd_bf16(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*, int64_t,
+                         const float*, c10::BFloat16*) {
+  TORCH_CHECK(false, "gemm_tiles_fwd_bf16: this build has no AVX512-BF16 tiles");
 }
 
 #endif

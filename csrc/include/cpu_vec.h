@@ -209,6 +209,66 @@ inline void conv_pixel_from(float* acc, const float* rows, int64_t row_stride,
   }
 }
 
+// The per-pixel reductions keep four vector accumulators: one would chain every add on the
+// previous one (FMA latency, not throughput, would bound them).
+inline float row_sum(const float* a, int64_t C) {
+  Vec s0(0.f), s1(0.f), s2(0.f), s3(0.f);
+  constexpr int64_t V = Vec::size();
+  int64_t c = 0;
+  for (; c + 4 * V <= C; c += 4 * V) {
+    s0 = s0 + Vec::loadu(a + c);
+    s1 = s1 + Vec::loadu(a + c + V);
+    s2 = s2 + Vec::loadu(a + c + 2 * V);
+    s3 = s3 + Vec::loadu(a + c + 3 * V);
+  }
+  for (; c + V <= C; c += V) s0 = s0 + Vec::loadu(a + c);
+  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), (s0 + s1) + (s2 + s3));
+  for (; c < C; ++c) total += a[c];
+  return total;
+}
+
+// Sum of squares of a[c] - mu (two-pass variance: exact for large means, unlike E[x^2]-E[x]^2).
+inline float centered_sumsq(const float* a, float mu, int64_t C) {
+  const Vec m(mu);
+  Vec s0(0.f), s1(0.f), s2(0.f), s3(0.f);
+  constexpr int64_t V = Vec::size();
+  int64_t c = 0;
+  for (; c + 4 * V <= C; c += 4 * V) {
+    const Vec d0 = Vec::loadu(a + c) - m, d1 = Vec::loadu(a + c + V) - m;
+    const Vec d2 = Vec::loadu(a + c + 2 * V) - m, d3 = Vec::loadu(a + c + 3 * V) - m;
+    s0 = at::vec::fmadd(d0, d0, s0);
+    s1 = at::vec::fmadd(d1, d1, s1);
+    s2 = at::vec::fmadd(d2, d2, s2);
+    s3 = at::vec::fmadd(d3, d3, s3);
+  }
+  for (; c + V <= C; c += V) {
+    const Vec d = Vec::loadu(a + c) - m;
+    s0 = at::vec::fmadd(d, d, s0);
+  }
+  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), (s0 + s1) + (s2 + s3));
+  for (; c < C; ++c) total += (a[c] - mu) * (a[c] - mu);
+  return total;
+}
+
+// out[c] = (a[c] - mu) * rstd * w[c] + b[c]; fp32 out is written directly, other dtypes through a.
+template <typename scalar_t>
+inline void normalize(float* a, float mu, float rstd, const float* w, const float* b,
+                      scalar_t* out, int64_t C) {
+  float* dst;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    dst = out;
+  } else {
+    dst = a;
+  }
+  const Vec m(mu), r(rstd);
+  int64_t c = 0;
+  for (; c + Vec::size() <= C; c += Vec::size()) {
+    at::vec::fmadd((Vec::loadu(a + c) - m) * r, Vec::loadu(w + c), Vec::loadu(b + c)).store(dst + c);
+  }
+  for (; c < C; ++c) dst[c] = (a[c] - mu) * rstd * w[c] + b[c];
+  if constexpr (!std::is_same_v<scalar_t, float>) narrow(a, out, C);
+}
+
 // Scratch memory from a pool kept per thread across calls. In a model the ops run once per block
 // between other kernels that evict the cache; a fresh heap buffer per call means cold lines (and,
 // above malloc's mmap threshold, page faults) on each first write. ConvNeXt-T fp32 at batch 1,

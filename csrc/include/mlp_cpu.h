@@ -1,7 +1,10 @@
 // What the C++ CPU mlp reports outside its translation unit (csrc/cpu/mlp_cpu.cpp).
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+
+#include <optional>
 
 namespace convnext_fast {
 
@@ -13,5 +16,9 @@ c10::ScalarType mlp_cpu_gemm_dtype(c10::ScalarType st);
 // packed-weight tiles (include/mlp_tiles.h) in this build on this CPU; bf16 also needs C and D
 // even.
 bool mlp_cpu_tiles(c10::ScalarType st);
+
+// v (if given) in fp32, zero-padded to whole vectors, as the tiles' epilogues load it: made once
+// per version of v (derived_cache.h); undefined for nullopt.
+at::Tensor padded_vector(const std::optional<at::Tensor>& v);
 
 }  // namespace convnext_fast

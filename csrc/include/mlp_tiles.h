@@ -314,6 +314,38 @@ inline void split_mlp(int64_t M, int64_t C, int64_t D, const Fc1& fc1, const Fc2
   });
 }
 
+// Shares one GEMM on M rows (N columns of output) between threads: gemm(r0, n, p0, p1) computes
+// rows [r0, r0 + n) of panels [p0, p1) (p1 = -1: to the last). By panels when the rows are few
+// (each panel read once, as split_mlp's columns), else each thread an equal share of the MR-row
+// micro-tiles, in blocks whose A rows stay in L2 while every panel passes over them.
+template <typename T, typename Gemm>
+inline void split_gemm(int64_t M, int64_t K, int64_t N, const Gemm& gemm) {
+  constexpr int64_t MR = kTileRowsMR;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (threads > 1 && M <= kColumnsMaxRows) {
+    at::parallel_for(0, num_panels(N), 1, [&](int64_t p0, int64_t p1) { gemm(0, M, p0, p1); });
+    return;
+  }
+  const int64_t block = std::max<int64_t>(1, kHiddenTileBytes / (K * int64_t{sizeof(T)}) / MR) * MR;
+  const int64_t micro = (M + MR - 1) / MR, shares = std::max<int64_t>(1, std::min(threads, micro));
+  at::parallel_for(0, shares, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t begin = micro * s / shares * MR, end = std::min(M, micro * (s + 1) / shares * MR);
+      for (int64_t r0 = begin; r0 < end; r0 += block) gemm(r0, std::min(block, end - r0), 0, -1);
+    }
+  });
+}
+
+// out [M, N] = A [M, K] @ B + bias (fp32, row-major, ld N) with B packed by pack_panels; bias
+// padded to whole vectors, may be null.
+inline void gemm_tiles_fwd(const float* a, int64_t M, int64_t K, const float* packed, int64_t N,
+                           const float* bias, float* out) {
+  split_gemm<float>(M, K, N, [&](int64_t r0, int64_t n, int64_t p0, int64_t p1) {
+    gemm_panels<Fp32Mac>(a + r0 * K, K, packed, K, N, bias, n,
+                         ResidualStore{out + r0 * N, nullptr, nullptr, N, N}, p0, p1);
+  });
+}
+
 // The block MLP on M rows of y [M, C] with microkernel Mac and its stores: fc1's tiles end in
 // Gelu{h, ldh}, fc2's in Residual{out, residual, gamma, ld, cols}; y, the packed weights, the
 // hidden, the residual and out are Mac::E, the vectors fp32.
@@ -357,6 +389,9 @@ void mlp_tiles_fwd_bf16(const c10::BFloat16* y, int64_t M, int64_t C, int64_t D,
                         const c10::BFloat16* w1p, const float* b1, const c10::BFloat16* w2p,
                         const float* b2, const float* gamma, const c10::BFloat16* residual,
                         c10::BFloat16* out);
+// gemm_tiles_fwd in bf16 (A, the packed B and out; K even), on the same dot products.
+void gemm_tiles_fwd_bf16(const c10::BFloat16* a, int64_t M, int64_t K, const c10::BFloat16* packed,
+                         int64_t N, const float* bias, c10::BFloat16* out);
 
 }  // namespace cpu
 }  // namespace convnext_fast
