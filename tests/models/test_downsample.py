@@ -40,9 +40,10 @@ def call(*args):
 
 # (N, C, H, W, C_out, s): ConvNeXt-T's first downsample; odd C, H, W (the last row and column
 # dropped, as the conv does); C_out not a multiple of the vector width; a 3x3 and a 4x4 patch; one
-# output pixel; few output rows (panels shared between threads) and many (rows shared).
+# output pixel; few output rows (panels shared between threads) and many (rows shared); a long K
+# (4C = 1200: the fp32 sums run in blocks of 128, mlp_tiles.h).
 SHAPES = [(1, 96, 56, 56, 192, 2), (2, 37, 9, 7, 19, 2), (3, 16, 9, 12, 40, 3), (1, 8, 2, 2, 4, 2),
-          (2, 200, 4, 6, 70, 2), (1, 24, 41, 40, 30, 2), (2, 6, 8, 8, 130, 4)]
+          (2, 200, 4, 6, 70, 2), (1, 24, 41, 40, 30, 2), (2, 6, 8, 8, 130, 4), (1, 300, 4, 4, 40, 2)]
 
 
 @needs_fp32
