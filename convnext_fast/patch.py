@@ -18,7 +18,8 @@ runs :meth:`~convnext_fast.models.convnext.LayerNorm2d.forward`, which returns c
 memory, so the trunk is converted to NHWC once, at the stem, instead of by every block's op. The
 stem and downsample convs run :func:`~convnext_fast.models.cpu_conv.fp32_compute_conv_forward`
 (bf16/fp16 computed in fp32 on a CPU without native reduced-precision convs; elsewhere their
-forward is unchanged). Modules the ops cannot compute exactly (dilation, stride, a tanh GELU,
+forward is unchanged), and each stage's downsample :meth:`~convnext_fast.models.convnext.Downsample.forward`
+(its LayerNorm2d and conv as one op at CPU inference, else the two patched modules). Modules the ops cannot compute exactly (dilation, stride, a tanh GELU,
 dropout, another norm, ...) keep their forward, and the report says which and why
 (:mod:`convnext_fast.models.support` judges). Eligibility is decided once, at patch time, from
 the module's configuration, so the patched forward has no branches on it and ``torch.compile``
@@ -36,7 +37,7 @@ import torch.nn as nn
 
 from . import backends
 from .models import support
-from .models.convnext import ConvNeXtBlock, LayerNorm2d
+from .models.convnext import ConvNeXtBlock, Downsample, LayerNorm2d
 from .models.cpu_conv import fp32_compute_conv_forward
 
 __all__ = ["patch_timm", "unpatch_timm", "PatchReport"]
@@ -100,6 +101,14 @@ def _uninstall(module: nn.Module) -> bool:
     return True
 
 
+def _downsamples(model: nn.Module) -> set:
+    """ids of the (LayerNorm2d, Conv2d) ``nn.Sequential`` downsamples of timm ConvNeXt stages."""
+    return {id(m.downsample) for m in model.modules()
+            if support.is_timm(m, "ConvNeXtStage") and isinstance(m.downsample, nn.Sequential)
+            and len(m.downsample) == 2 and support.is_timm(m.downsample[0], "LayerNorm2d")
+            and type(m.downsample[1]) is nn.Conv2d}
+
+
 def _stem_and_downsample_convs(model: nn.Module) -> set:
     """ids of the plain Conv2d of timm ConvNeXt stems and stage downsamples (also under
     ``features_only``, whose FeatureListNet flattens the stem into ``stem_0``, ``stem_1``)."""
@@ -128,6 +137,7 @@ def _patch_model(model: nn.Module, backend: Optional[str]) -> PatchReport:
                 for name, block in model.named_modules() if support.is_timm(block, "ConvNeXtBlock")
                 for sub, _ in block.named_modules()}
     stem_convs = _stem_and_downsample_convs(model)
+    downsamples = _downsamples(model)
     plan = []  # (name, module, forward, what): decided in full before anything is installed
     for name, module in model.named_modules():
         if _MARK in module.__dict__:
@@ -145,6 +155,9 @@ def _patch_model(model: nn.Module, backend: Optional[str]) -> PatchReport:
                 report.skipped.append((name, reason))
                 continue
             plan.append((name, module, LayerNorm2d.forward, "channels-last LayerNorm2d"))
+        elif id(module) in downsamples:
+            plan.append((name, module, Downsample.forward,
+                         "downsample: LayerNorm2d and conv as one op at CPU inference"))
         elif id(module) in stem_convs:
             plan.append((name, module, fp32_compute_conv_forward, "conv, fp32 compute for bf16/fp16 on CPU"))
         elif type(module).__name__ in ("ConvNeXtBlock", "LayerNorm2d") and not type(module).__module__.startswith("timm."):

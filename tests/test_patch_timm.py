@@ -200,3 +200,33 @@ def test_stem_and_downsample_convs_compute_reduced_precision_in_fp32(case):
     assert torch.equal(got, native if cpu_has_native_conv(torch.bfloat16) else fp32.bfloat16())
     convnext_fast.unpatch_timm(model)
     assert not any("forward" in m.__dict__ for _, m in convs)
+
+
+@pytest.mark.skipif(not convnext_fast._ext.cpu_downsample().get("float32"),
+                    reason="no fused CPU downsample in this build")
+def test_patched_downsamples_run_as_one_op_at_inference(monkeypatch):
+    """A patched timm model's stage downsamples take convnext_fast::downsample at CPU inference
+    (and match timm); with gradients they run their two patched modules."""
+    from convnext_fast.backends import _cpp
+
+    calls = []
+    real = _cpp._with_cache
+
+    def counting(op, args):
+        if op is torch.ops.convnext_fast.downsample:
+            calls.append(op)
+        return real(op, args)
+
+    monkeypatch.setattr(_cpp, "_with_cache", counting)
+    model = _create("convnext_atto").eval()
+    model64 = _create("convnext_atto").double().eval()
+    model64.load_state_dict(model.state_dict())
+    report = convnext_fast.patch_timm(model)
+    assert sum("downsample:" in what for _, what in report.patched) == 3, str(report)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    assert len(calls) == 3
+    model(x.requires_grad_()).sum().backward()
+    assert len(calls) == 3
+    assert_parity(out, model64(x.detach().double()), tight=(1e-4, 1e-4))

@@ -249,9 +249,10 @@ class Downsample(nn.Sequential):
     (:func:`convnext_fast.models.cpu_conv.fused_downsample`); elsewhere, one after the other."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, C, H, W] -> [N, C_out, H / s, W / s] channels-last."""
+        """x [N, C, H, W] -> [N, C_out, H / s, W / s] channels-last. Also the forward of timm's
+        downsample ``nn.Sequential`` once :func:`convnext_fast.patch_timm` binds it there."""
         out = fused_downsample(self[0], self[1], x)
-        return super().forward(x) if out is None else out
+        return nn.Sequential.forward(self, x) if out is None else out
 
 
 class ConvNeXtStage(nn.Module):
