@@ -98,8 +98,11 @@ def test_model_runs_the_reference_when_off(monkeypatch):
         with torch.no_grad():
             with disable_kernels():
                 off = model(x)
+            # use_backend picks the ops' backend; the fused CPU downsample has its own switch
+            monkeypatch.setenv("CONVNEXT_FAST_CPU_DOWNSAMPLE", "0")
             with use_backend("torch"):
                 ref = model(x)
+            monkeypatch.delenv("CONVNEXT_FAST_CPU_DOWNSAMPLE")
         n_blocks = sum(convnext_fast.models.registry.VARIANTS["convnext_atto"]["depths"])
         assert calls == {("dwconv_ln", "torch"): 2 * n_blocks, ("mlp", "torch"): 2 * n_blocks}
         assert torch.equal(off, ref)

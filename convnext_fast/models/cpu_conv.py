@@ -135,7 +135,8 @@ def fused_downsample(norm: nn.LayerNorm, conv: nn.Conv2d, x: torch.Tensor) -> Op
     dtype under CPU autocast). Runs for eager calls that need no gradient, with the derived-weight
     cache allowed (the packed conv weight is made once per version), fp32 or bf16 where
     ``_ext.cpu_downsample()`` says so, a conv with kernel = stride, no padding, dilation or
-    groups. ``CONVNEXT_FAST_CPU_DOWNSAMPLE=0`` turns it off.
+    groups. ``CONVNEXT_FAST_CPU_DOWNSAMPLE=0`` turns it off, as does turning every kernel off
+    (``CONVNEXT_FAST_DISABLE=1``, ``disable_kernels()``).
     """
     if x.device.type != "cpu" or x.dim() != 4 or torch.compiler.is_compiling():
         return None
@@ -147,7 +148,10 @@ def fused_downsample(norm: nn.LayerNorm, conv: nn.Conv2d, x: torch.Tensor) -> Op
     params = (norm.weight, norm.bias, conv.weight, conv.bias)
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return None
-    if os.environ.get("CONVNEXT_FAST_CPU_DOWNSAMPLE") == "0" or not caching_allowed():
+    from ..backends import registry
+
+    if (os.environ.get("CONVNEXT_FAST_CPU_DOWNSAMPLE") == "0" or not caching_allowed()
+            or registry._is_off("downsample") is not None):  # every kernel off (CONVNEXT_FAST_DISABLE=1)
         return None
     autocast = torch.is_autocast_enabled("cpu") and x.dtype in _CASTABLE
     dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype

@@ -161,3 +161,7 @@ def test_model_runs_its_downsamples_fused(monkeypatch):
         plain = model(x)
     assert len(calls) == 3
     torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-4)
+    monkeypatch.delenv("CONVNEXT_FAST_CPU_DOWNSAMPLE")
+    with torch.no_grad(), convnext_fast.disable_kernels():  # every kernel off: this one too
+        model(x)
+    assert len(calls) == 3
