@@ -210,14 +210,14 @@ def test_patched_downsamples_run_as_one_op_at_inference(monkeypatch):
     from convnext_fast.backends import _cpp
 
     calls = []
-    real = _cpp._with_cache
+    real = _cpp.call_with_cache
 
     def counting(op, args):
         if op is torch.ops.convnext_fast.downsample:
             calls.append(op)
         return real(op, args)
 
-    monkeypatch.setattr(_cpp, "_with_cache", counting)
+    monkeypatch.setattr(_cpp, "call_with_cache", counting)
     model = _create("convnext_atto").eval()
     model64 = _create("convnext_atto").double().eval()
     model64.load_state_dict(model.state_dict())

@@ -131,7 +131,7 @@ def _available(op: str, device: str):
     return lambda: reason
 
 
-def _with_cache(op, args):
+def call_with_cache(op, args):
     """``op(*args)`` with the C++ kernels' cache of derived weights (conv taps, converted
     weights; csrc/include/derived_cache.h) on for this call where it is safe: no gradient needed
     (training derives per call, as autocast does) and no torch.distributed (see _prepared).
@@ -152,11 +152,11 @@ def _with_cache(op, args):
 
 def _dwconv_ln(**args):
     # y; mean and rstd are kept for the backward by the op's autograd
-    return _with_cache(torch.ops.convnext_fast.dwconv_ln, tuple(args.values()))[0]
+    return call_with_cache(torch.ops.convnext_fast.dwconv_ln, tuple(args.values()))[0]
 
 
 def _mlp(**args):
-    return _with_cache(torch.ops.convnext_fast.mlp, tuple(args.values()))
+    return call_with_cache(torch.ops.convnext_fast.mlp, tuple(args.values()))
 
 
 for _op, _bwd in (("dwconv_ln", _dwconv_ln_bwd), ("mlp", _mlp_bwd)):

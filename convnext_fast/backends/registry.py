@@ -180,7 +180,7 @@ def select(op: str, device: torch.device, backend: Optional[str], args: Mapping[
            ) -> Tuple[str, Callable[..., torch.Tensor]]:
     """Pick the implementation of ``op`` for this call (``args``: its arguments by name); see the
     module docstring for the order."""
-    off = _is_off(op)
+    off = is_off(op)
     if off is not None:
         if not torch.compiler.is_compiling():
             _LAST[op] = ("torch", ())
@@ -272,8 +272,10 @@ def enable_kernels() -> None:
     _OFF_API = None
 
 
-def _is_off(op: str) -> Optional[str]:
-    """What turned ``op``'s kernels off, or None. Runs on every op call: cheap when nothing is."""
+def is_off(op: str) -> Optional[str]:
+    """What turned ``op``'s kernels off, or None. Runs on every op call: cheap when nothing is.
+    A kernel outside the registry (the CPU downsample) asks with its own name: only the switch that
+    turns every op off names it."""
     if _OFF_API is not None and (_ALL in _OFF_API or op in _OFF_API):
         return "disable_kernels()"
     if DISABLE_VAR in os.environ:

@@ -151,7 +151,7 @@ def fused_downsample(norm: nn.LayerNorm, conv: nn.Conv2d, x: torch.Tensor) -> Op
     from ..backends import registry
 
     if (os.environ.get("CONVNEXT_FAST_CPU_DOWNSAMPLE") == "0" or not caching_allowed()
-            or registry._is_off("downsample") is not None):  # every kernel off (CONVNEXT_FAST_DISABLE=1)
+            or registry.is_off("downsample") is not None):
         return None
     autocast = torch.is_autocast_enabled("cpu") and x.dtype in _CASTABLE
     dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
@@ -159,13 +159,13 @@ def fused_downsample(norm: nn.LayerNorm, conv: nn.Conv2d, x: torch.Tensor) -> Op
         return None
     if not autocast and any(p is not None and p.dtype != dtype for p in params):
         return None  # mixed dtypes outside autocast: the modules raise, or promote, as they do
-    from ..backends._cpp import _with_cache
+    from ..backends._cpp import call_with_cache
     from ..ops._autocast import autocast_args
 
     args, ctx = autocast_args("cpu", {"x": x, "ln_weight": norm.weight, "ln_bias": norm.bias,
                                       "conv_weight": conv.weight, "conv_bias": conv.bias})
     args["x"] = args["x"].contiguous(memory_format=torch.channels_last)
     with ctx:
-        return _with_cache(torch.ops.convnext_fast.downsample,
+        return call_with_cache(torch.ops.convnext_fast.downsample,
                            (args["x"], args["ln_weight"], args["ln_bias"], float(norm.eps),
                             args["conv_weight"], args["conv_bias"]))

@@ -35,7 +35,7 @@ def make_inputs(N, C, H, W, C_out, s, dtype, bias=True):
 
 def call(*args):
     """The op with the derived-weight cache on, as the model calls it."""
-    return _cpp._with_cache(torch.ops.convnext_fast.downsample, args)
+    return _cpp.call_with_cache(torch.ops.convnext_fast.downsample, args)
 
 
 # (N, C, H, W, C_out, s): ConvNeXt-T's first downsample; odd C, H, W (the last row and column
@@ -98,14 +98,14 @@ def downsample(C=24, C_out=48):
 
 def count_fused_calls(monkeypatch):
     calls = []
-    real = _cpp._with_cache
+    real = _cpp.call_with_cache
 
     def counting(op, args):
         if op is torch.ops.convnext_fast.downsample:
             calls.append(args[0].dtype)
         return real(op, args)
 
-    monkeypatch.setattr(_cpp, "_with_cache", counting)
+    monkeypatch.setattr(_cpp, "call_with_cache", counting)
     return calls
 
 
