@@ -26,6 +26,7 @@ LayerNorm and the packed oneDNN conv, bf16 0.34-0.49 against 0.55-0.78; batch 8 
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from .._prepared import Prepared, caching_allowed
+from ..ops._autocast import CASTABLE, autocast_args
 
 __all__ = ["Fp32ComputeConv2d", "fp32_compute_conv_forward", "cpu_has_native_conv", "fused_downsample"]
 
@@ -112,19 +114,11 @@ class Fp32ComputeConv2d(nn.Conv2d):
     forward = fp32_compute_conv_forward
 
 
-_CASTABLE = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _downsample_dtypes() -> dict:
+@functools.lru_cache(maxsize=None)
+def _downsample_runs(dtype: torch.dtype) -> bool:
     from .. import _ext  # the extension loads on first use, not at import
-    global _DOWNSAMPLE_DTYPES
-    if _DOWNSAMPLE_DTYPES is None:
-        found = _ext.cpu_downsample()
-        _DOWNSAMPLE_DTYPES = {getattr(torch, k): v for k, v in found.items()}
-    return _DOWNSAMPLE_DTYPES
 
-
-_DOWNSAMPLE_DTYPES: Optional[dict] = None
+    return bool(_ext.cpu_downsample().get(str(dtype).replace("torch.", ""), False))
 
 
 def fused_downsample(norm: nn.LayerNorm, conv: nn.Conv2d, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -153,19 +147,18 @@ def fused_downsample(norm: nn.LayerNorm, conv: nn.Conv2d, x: torch.Tensor) -> Op
     if (os.environ.get("CONVNEXT_FAST_CPU_DOWNSAMPLE") == "0" or not caching_allowed()
             or registry.is_off("downsample") is not None):
         return None
-    autocast = torch.is_autocast_enabled("cpu") and x.dtype in _CASTABLE
+    autocast = torch.is_autocast_enabled("cpu") and x.dtype in CASTABLE
     dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
-    if not _downsample_dtypes().get(dtype, False) or (dtype == torch.bfloat16 and s * s * x.shape[1] % 2):
+    if not _downsample_runs(dtype) or (dtype == torch.bfloat16 and s * s * x.shape[1] % 2):
         return None
     if not autocast and any(p is not None and p.dtype != dtype for p in params):
         return None  # mixed dtypes outside autocast: the modules raise, or promote, as they do
     from ..backends._cpp import call_with_cache
-    from ..ops._autocast import autocast_args
 
     args, ctx = autocast_args("cpu", {"x": x, "ln_weight": norm.weight, "ln_bias": norm.bias,
                                       "conv_weight": conv.weight, "conv_bias": conv.bias})
     args["x"] = args["x"].contiguous(memory_format=torch.channels_last)
     with ctx:
         return call_with_cache(torch.ops.convnext_fast.downsample,
-                           (args["x"], args["ln_weight"], args["ln_bias"], float(norm.eps),
-                            args["conv_weight"], args["conv_bias"]))
+                               (args["x"], args["ln_weight"], args["ln_bias"], float(norm.eps),
+                                args["conv_weight"], args["conv_bias"]))

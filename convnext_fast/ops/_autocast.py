@@ -26,10 +26,10 @@ from .._prepared import Prepared, owner
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 
 # Autocast lowers only these; fp64 runs as it is, like PyTorch's own autocast.
-_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-_CASTS = {dtype: Prepared(f"autocast cast to {dtype}") for dtype in _CASTABLE}
+_CASTS = {dtype: Prepared(f"autocast cast to {dtype}") for dtype in CASTABLE}
 
 
 class _AutocastOff:
@@ -52,7 +52,7 @@ class _AutocastOff:
 
 
 def _needs_cast(t: object, dtype: torch.dtype) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype in _CASTABLE and t.dtype != dtype
+    return isinstance(t, torch.Tensor) and t.dtype in CASTABLE and t.dtype != dtype
 
 
 def _cached_param(t: torch.Tensor, grad: bool) -> bool:

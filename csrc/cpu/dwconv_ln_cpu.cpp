@@ -7,6 +7,8 @@
 // streams through memory and reads fp32 whatever the input dtype. The conv
 // (cpu::conv_row, register-blocked along W) writes one output row ([W, C] fp32) to a per-thread
 // scratch buffer, normalised right away: the conv output never touches memory.
+// Small images (few rows per thread) split the conv by channel planes instead
+// (dwconv_ln_cpu_planes, split_by_planes below).
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
