@@ -24,7 +24,8 @@ from convnext_fast.bench import (DTYPES, MODES, STAGES, PeakMemory, environment,
                                  op_unavailable, time_callable, write_backend_order)
 
 # Baselines per kind of case: eager first, then compiled.
-BASELINES = {"model": ("timm", "timm_compile"), "op": ("torch", "torch_compile")}
+BASELINES = {"model": ("timm", "timm_compile"), "op": ("torch", "torch_compile"),
+             "downsample": ("modules", "")}
 _RESULTS = pytest.StashKey[List[Tuple[Dict, Optional[float]]]]()
 _ORDER_NOTE = pytest.StashKey[str]()
 EXTRA = "pip install 'convnext_fast[bench]'"
