@@ -18,9 +18,10 @@ runs :meth:`~convnext_fast.models.convnext.LayerNorm2d.forward`, which returns c
 memory, so the trunk is converted to NHWC once, at the stem, instead of by every block's op. The
 stem and downsample convs run :func:`~convnext_fast.models.cpu_conv.fp32_compute_conv_forward`
 (bf16/fp16 computed in fp32 on a CPU without native reduced-precision convs; elsewhere their
-forward is unchanged), and each stage's downsample :meth:`~convnext_fast.models.convnext.Downsample.forward`
-(its LayerNorm2d and conv as one op at CPU inference, else the two patched modules). Modules the ops cannot compute exactly (dilation, stride, a tanh GELU,
-dropout, another norm, ...) keep their forward, and the report says which and why
+forward is unchanged), and each stage's downsample
+:meth:`~convnext_fast.models.convnext.Downsample.forward` (its LayerNorm2d and conv as one op at
+CPU inference, else the two patched modules). Modules the ops cannot compute exactly (dilation,
+stride, a tanh GELU, dropout, another norm, ...) keep their forward, and the report says which and why
 (:mod:`convnext_fast.models.support` judges). Eligibility is decided once, at patch time, from
 the module's configuration, so the patched forward has no branches on it and ``torch.compile``
 sees no graph breaks.

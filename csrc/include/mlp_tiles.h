@@ -302,9 +302,8 @@ inline void split_mlp(int64_t M, int64_t C, int64_t D, const Fc1& fc1, const Fc2
     T* h = h_mem.data<T>();
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t begin = micro * s / shares * MR, end = std::min(M, micro * (s + 1) / shares * MR);
-      const int64_t n_tiles = (end - begin + rows - 1) / rows;
+      const int64_t n_tiles = (end - begin + rows - 1) / rows, m0 = (end - begin + MR - 1) / MR;
       for (int64_t t = 0; t < n_tiles; ++t) {  // tiles of equal micro-tile counts
-        const int64_t m0 = (end - begin + MR - 1) / MR;
         const int64_t r0 = begin + m0 * t / n_tiles * MR;
         const int64_t r1 = std::min(end, begin + m0 * (t + 1) / n_tiles * MR);
         fc1(r0, r1 - r0, h, 0, -1);
