@@ -190,18 +190,18 @@ def _info(_args, out: _Out) -> int:
                    "overrides")
             out.line("CPU mlp GEMMs: " + ", ".join(f"{k} inputs in {v}" for k, v in gemm.items())
                      + f" ({how})")
-            tiles = _ext.cpu_mlp_tiles()
-            if tiles:
-                out.line("CPU mlp inference on packed-weight tiles: "
-                         + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in tiles.items())
-                         + " (bf16 needs AVX512-BF16 without AMX; CONVNEXT_FAST_MLP_CPU_TILES=0 turns "
-                           "them off; training and compiled graphs use the GEMMs above)")
-            fused = _ext.cpu_downsample()
-            if fused:
-                out.line("CPU downsample inference as one op (LayerNorm + patch conv on the tiles): "
-                         + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in fused.items())
-                         + " (CONVNEXT_FAST_CPU_DOWNSAMPLE=0 turns it off; elsewhere LayerNorm2d, "
-                           "then the conv)")
+            per_dtype = (
+                ("CPU mlp inference on packed-weight tiles", _ext.cpu_mlp_tiles(),
+                 "bf16 needs AVX512-BF16 without AMX; CONVNEXT_FAST_MLP_CPU_TILES=0 turns them off; "
+                 "training and compiled graphs use the GEMMs above"),
+                ("CPU downsample inference as one op (LayerNorm + patch conv on the tiles)",
+                 _ext.cpu_downsample(),
+                 "CONVNEXT_FAST_CPU_DOWNSAMPLE=0 turns it off; elsewhere LayerNorm2d, then the conv"),
+            )
+            for what, runs, how in per_dtype:
+                if runs:
+                    out.line(f"{what}: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in runs.items())
+                             + f" ({how})")
     env = os.environ.get(backends.ENV_VAR)
     out.line(f"requested backend: {env + ' (from ' + backends.ENV_VAR + ')' if env else 'automatic'}")
     off = registry.disabled_ops()
